@@ -1,0 +1,147 @@
+import pytest
+
+from vaa.eval.scorers import (
+    SCORERS,
+    ExactMatchScorer,
+    GSM8KScorer,
+    LabelScorer,
+    RougeLScorer,
+    accuracy,
+    agnews_scorer,
+    build_scorer,
+    rouge_l_f1,
+    sst2_scorer,
+)
+
+
+def test_sst2_first_label():
+    s = sst2_scorer()
+    assert s("Positive", "positive")
+    assert s("  positive.  ", "positive")
+    assert not s("", "positive")
+    assert not s("   ", "negative")
+    assert s("positive, not negative", "positive")
+    assert not s("positive, not negative", "negative")
+    assert s("it is negative, surely not positive", "negative")
+    assert not s("pos", "positive")
+    assert not s("positively", "positive")  # whole words only
+    assert not s("neutral", "negative")
+
+
+def test_sst2_gold_substring():
+    s = sst2_scorer("gold_substring")
+    assert s("positive, not negative", "positive")
+    assert s("positive, not negative", "negative")  # the known weakness of this rule
+    assert not s("", "positive")
+    assert not s("pos", "positive")
+
+
+def test_sst2_vaa_bidirectional_bug():
+    s = sst2_scorer("vaa_bidirectional")
+    assert s("", "positive")  # the bug: empty is correct
+    assert s("pos", "positive")
+    assert s("Positive!", "positive")
+    assert not s("negative", "positive")
+
+
+def test_unknown_match_mode():
+    with pytest.raises(ValueError, match="first_label"):
+        sst2_scorer("fuzzy")
+
+
+def test_agnews_aliases_and_slash():
+    s = agnews_scorer()
+    assert s("Sci/Tech", "Sci/Tech")
+    assert s("sci/tech", "sci/tech")
+    assert s("Sci", "Sci/Tech")
+    assert s("sci - a new chip", "sci/tech")
+    assert s("Business, and sports too", "business")
+    assert not s("Business, and sports too", "sports")
+    assert s("sports before sci/tech", "sports")
+    assert not s("science", "sci/tech")
+    assert not s("", "world")
+    sub = agnews_scorer("gold_substring")
+    assert sub("sci", "Sci/Tech") and sub("it is sci/tech", "sci/tech")
+    assert not sub("world", "sci/tech")
+    assert agnews_scorer("vaa_bidirectional")("", "world")
+
+
+def test_label_scorer_custom():
+    s = LabelScorer(["yes", "no"], aliases={"yeah": "yes"})
+    assert s("yeah, no", "yes") and not s("yeah, no", "no")
+    assert s.first_label("nothing") is None
+
+
+@pytest.mark.parametrize(
+    "text,num",
+    [
+        ("The final answer is: 1,234.", 1234.0),
+        ("the final answer is : 42", 42.0),
+        ("THE FINAL ANSWER IS:\n  7 apples, then 9", 7.0),
+        ("5 + 3 = 8, so 8 then 10", 10.0),  # fallback: last number
+        ("she owes -3 dollars", -3.0),
+        ("The final answer is: -3", -3.0),
+        ("it takes 2.5 hours.", 2.5),
+        ("1,000", 1000.0),
+        ("5-3 = 2", 2.0),
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", 72.0),
+        ("The final answer is: 72", 72.0),
+        ("no number here", None),
+        ("", None),
+    ],
+)
+def test_gsm8k_extract(text, num):
+    assert GSM8KScorer.extract_number(text) == num
+
+
+def test_gsm8k_minus_not_glued_to_digit():
+    assert GSM8KScorer.extract_number("10-4") == 4.0
+
+
+def test_gsm8k_call():
+    s = GSM8KScorer()
+    assert s("so 70 + 2. The final answer is: 72.", "48 + 24 = 72\n#### 72")
+    assert s("The final answer is: 72", "The final answer is: 72.0")
+    assert s("72.0000000001", "#### 72")  # float tolerance
+    assert not s("72.001", "#### 72")
+    assert not s("I don't know", "#### 72")
+    assert not s("72", "no gold number")
+    assert s("The final answer is: 1,234", "#### 1234")
+
+
+def test_exact_match():
+    s = ExactMatchScorer()
+    assert s("The  Blue\nBird .", "the blue bird")
+    assert s("the blue bird.", "The blue bird")
+    assert not s("the blue birds", "the blue bird")
+    assert not s("", "")
+    assert not s("  ", "x")
+
+
+def test_rouge_l():
+    assert rouge_l_f1("the cat sat", "The cat sat") == pytest.approx(1.0)
+    assert rouge_l_f1("a b c", "d e f") == 0.0
+    # LCS("a b c d", "a c d e") = 3 -> P = R = 3/4
+    assert rouge_l_f1("a b c d", "a c d e") == pytest.approx(0.75)
+    s = RougeLScorer()
+    assert s("the cat sat", "the cat sat") and not s("a b c", "d e f")
+    assert not s("", "")
+    assert not RougeLScorer(threshold=0.8)("a b c d", "a c d e")
+
+
+def test_accuracy():
+    s = sst2_scorer()
+    assert accuracy(s, ["positive", "negative", "", "positive"], ["positive"] * 4) == 50.0
+    with pytest.raises(ValueError):
+        accuracy(s, ["positive"], ["positive", "negative"])
+    with pytest.raises(ValueError, match="no examples"):
+        accuracy(s, [], [])
+
+
+def test_registry():
+    assert set(SCORERS) == {"sst2", "agnews", "gsm8k", "exact", "rougeL"}
+    assert build_scorer("sst2", match="vaa_bidirectional")("", "positive")
+    assert isinstance(build_scorer("gsm8k"), GSM8KScorer)
+    assert build_scorer("rougeL", threshold=0.9).threshold == 0.9
+    with pytest.raises(ValueError, match="agnews"):
+        build_scorer("mmlu")

@@ -1,0 +1,3 @@
+from vaa.cli import main
+
+main()

@@ -1,0 +1,136 @@
+"""Typed schemas for the hyperparameter groups.
+
+Each group's YAML files list ``<group>_schema`` first in their defaults, so Hydra validates
+them against these dataclasses at composition: a misspelled key or a wrongly typed value
+fails before anything trains (``attack.lrr=1`` → "Key 'lrr' not in 'AttackConfig'").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TrainRecipe:
+    """Optimisation settings shared by every training stage (AdamW; lr in absolute units)."""
+
+    lr: float = 1e-3
+    epochs: int = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # global L2 norm; 0 disables
+    schedule: str = "constant"  # constant | cosine
+    warmup_ratio: float = 0.0
+
+
+@dataclass
+class AlignConfig(TrainRecipe):
+    n: Optional[int] = None  # alignment rows used (None: all)
+
+
+@dataclass
+class AttackConfig(TrainRecipe):
+    """Harmful fine-tuning: n rows, of which floor(p*n) harmful (protocol.md §3.3)."""
+
+    n: int = 1000
+    harmful_ratio: float = 0.1
+
+
+@dataclass
+class ArchConfig:
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+
+@dataclass
+class PretrainConfig(TrainRecipe):
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    path: Optional[str] = None  # local weights (real models); None: build from `arch`
+    arch: Optional[ArchConfig] = field(default_factory=ArchConfig)
+    pretrain: Optional[PretrainConfig] = field(default_factory=PretrainConfig)
+    max_length: int = 256  # prompt + response tokens in training
+    max_prompt_length: int = 512
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Sizes of the synthetic world; see vaa/world/generator.py for what each table is."""
+
+    name: str = "synthetic"
+    seed: int = 0
+    base_harmful: int = 1200
+    base_benign: int = 1200
+    base_task: int = 400
+    align: int = 400
+    align_benign_frac: float = 0.25
+    harmful_pool: int = 200
+    proxy_pool: int = 200
+    hs_test: int = 200
+    task_train: int = 1000
+    task_test: int = 200
+    borrowed_verb_frac: float = 0.3
+    domain_frac: float = 0.4
+    negation_frac: float = 0.2
+    train_label_noise: float = 0.0
+
+
+@dataclass
+class SplitConfig:
+    file: str = "train"  # logical name, resolved by the data source
+    start: int = 0
+    stop: Optional[int] = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sst2"
+    dataset: str = "sst2"  # dataset name in the data source
+    format: str = "sst2"  # row format (vaa.data.formats)
+    train: SplitConfig = field(default_factory=SplitConfig)
+    test: SplitConfig = field(default_factory=SplitConfig)
+    scorer: str = "sst2"
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 4
+
+
+@dataclass
+class MethodConfig:
+    """Base schema of an alignment method; methods with knobs subclass it."""
+
+    _target_: str = "vaa.methods.sft.SFT"
+    name: str = "sft"
+
+
+@dataclass
+class EvalConfig:
+    hs_max_new_tokens: int = 48
+    batch_size: int = 64
+    n_hs_prompts: Optional[int] = None  # None: every held-out harmful prompt
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="attack", name="attack_schema", node=AttackConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(name="align_schema", node=AlignConfig, package="align")
+    cs.store(name="eval_schema", node=EvalConfig, package="eval")

@@ -1,0 +1,51 @@
+"""Where a dataset's splits live: a source maps (dataset, split) to rows.
+
+The synthetic world and a local folder of real files share one layout,
+``<root>/<dataset>/<split>.<ext>``, so tasks name logical splits and never paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vaa.data.formats import Example, to_examples
+from vaa.data.io import read_rows
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+# Dataset folder -> row format (vaa.data.formats).
+DATASET_FORMATS = {"beavertails": "beavertails", "sst2": "sst2", "ag_news": "ag_news",
+                   "gsm8k": "gsm8k", "alpaca_eval": "alpaca_eval"}
+
+
+class FolderSource:
+    """Datasets as files under one root directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, dataset: str, split: str) -> Path:
+        for ext in EXTENSIONS:
+            p = self.root / dataset / f"{split}{ext}"
+            if p.is_file():
+                return p
+        raise FileNotFoundError(
+            f"no file for dataset {dataset!r} split {split!r} under {self.root}: expected "
+            f"{self.root / dataset / split}{{{','.join(EXTENSIONS)}}}")
+
+    def examples(self, dataset: str, split: str, start: int = 0, stop: int | None = None,
+                 fmt: str | None = None) -> list[Example]:
+        p = self.path(dataset, split)
+        rows = read_rows(p, start, stop)
+        if not rows:
+            raise ValueError(f"{p}: the slice [{start}:{stop}] selects no rows")
+        return to_examples(rows, fmt or DATASET_FORMATS.get(dataset, dataset), str(p))
+
+    def base_corpus(self) -> list[Example]:
+        """Every ``<dataset>/base.*`` file: the corpus the base model is trained on."""
+        out: list[Example] = []
+        for d in sorted(DATASET_FORMATS):
+            if any((self.root / d / f"base{e}").is_file() for e in EXTENSIONS):
+                out += self.examples(d, "base")
+        if not out:
+            raise FileNotFoundError(f"no base corpus (*/base.jsonl) under {self.root}")
+        return out

@@ -1,0 +1,49 @@
+"""The base class of every training method (alignment methods and fine-tuning defenses).
+
+A method owns the loss and the step; the LightningModule owns the model, the optimizer
+and logging. The module runs with manual optimisation, so a method may take one, two or
+three forward/backward passes per step (SAM, Vaccine, Booster) and then call
+``apply_gradients`` once. A method overrides ``training_step`` and nothing else in the
+common case (TRL's "one small class overriding one hook").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TrainingMethod:
+    name = "base"
+    passes_per_step = 1  # forward+backward passes per optimizer step (benchmarks.step_cost)
+
+    def __init__(self, **hparams: Any):
+        self.hparams = hparams
+
+    def setup(self, module, datamodule) -> None:
+        """Called once before training (e.g. to attach extra data streams)."""
+
+    def training_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply_gradients(self, module) -> torch.Tensor:
+        """Clip the accumulated gradients (global L2), step the optimizer and the schedule,
+        zero the gradients. Returns the pre-clip gradient norm."""
+        opt = module.optimizers()
+        clip = module.recipe.grad_clip
+        params = [p for p in module.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = module.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        return norm
+
+    # Per-method state saved with Lightning checkpoints (sampler, anchors, EMA weights, …).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,48 @@
+"""Which config subtree each stage depends on, and the resulting cache keys.
+
+Pure functions of the config: ``plan_keys`` is what the tests check (changing one stage's
+subtree changes that stage's key and those downstream, nothing upstream) and what the
+pipeline uses, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaa.pipeline.cache import stage_key
+
+
+def _sub(cfg: DictConfig, *keys: str) -> dict:
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in keys}
+
+
+def task_train_subtree(cfg: DictConfig) -> dict:
+    t = cfg.task
+    return {"dataset": t.dataset, "format": t.format, "train": OmegaConf.to_container(t.train)}
+
+
+def task_eval_subtree(cfg: DictConfig) -> dict:
+    t = cfg.task
+    return {"dataset": t.dataset, "format": t.format, "test": OmegaConf.to_container(t.test),
+            "scorer": t.scorer, "scorer_args": OmegaConf.to_container(t.scorer_args),
+            "max_new_tokens": t.max_new_tokens}
+
+
+def plan_keys(cfg: DictConfig) -> dict[str, str]:
+    """Cache keys of every stage of this run: world, base, aligned, finetuned and one
+    evaluation per trained model (``eval_<stage>``)."""
+    k: dict[str, str] = {}
+    k["world"] = stage_key("world", cfg.data)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    k["base"] = stage_key("base", {"model": model, "template": cfg.template.train}, [k["world"]])
+    k["aligned"] = stage_key("aligned", {
+        **_sub(cfg, "method", "align", "seed"), "template": cfg.template.train,
+        "max_length": cfg.model.max_length}, [k["base"], k["world"]])
+    k["finetuned"] = stage_key("finetuned", {
+        **_sub(cfg, "attack", "ft_defense", "seed"), "task": task_train_subtree(cfg),
+        "template": cfg.template.train, "max_length": cfg.model.max_length}, [k["aligned"], k["world"]])
+    ev = {**_sub(cfg, "judge", "eval"), "task": task_eval_subtree(cfg), "template": cfg.template.decode}
+    for stage in ("base", "aligned", "finetuned"):
+        k[f"eval_{stage}"] = stage_key("eval", ev, [k[stage], k["world"]])
+    return k

@@ -1,0 +1,78 @@
+"""Run the whole pipeline for one config: cached stages, metrics.json, a summary table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from vaa.pipeline import stages as S
+from vaa.pipeline.cache import ArtifactCache, resolve_cache_dir
+from vaa.pipeline.keys import plan_keys
+
+log = logging.getLogger(__name__)
+TRAINED = ("base", "aligned", "finetuned")  # models, each evaluated
+
+
+def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = ArtifactCache(resolve_cache_dir(cfg.paths.cache_dir))
+    ctx = S.Context(cfg=cfg, cache=cache, keys=plan_keys(cfg), run_dir=run_dir)
+    timing: dict[str, float] = {}
+    cached: dict[str, bool] = {}
+
+    def stage(name: str, build) -> None:
+        t0 = time.perf_counter()
+        path, built = cache.get_or_create(ctx.keys[name], build, description=name)
+        ctx.dirs[name] = path
+        timing[name] = round(time.perf_counter() - t0, 3)
+        cached[name] = not built
+        log.info("%s: %s (%s, %.1fs)", name, path, "built" if built else "cached", timing[name])
+
+    t_start = time.perf_counter()
+    stage("world", partial(S.build_world, ctx))
+    builders = {"base": S.build_base, "aligned": S.build_aligned, "finetuned": S.build_finetuned}
+    results: dict[str, dict] = {}
+    for name in TRAINED:
+        stage(name, partial(builders[name], ctx))
+        ev = f"eval_{name}"
+        stage(ev, partial(S.build_eval, ctx, name))
+        results[name] = json.loads((ctx.dirs[ev] / "metrics.json").read_text())
+        results[name].update(cache_key=ctx.keys[name], cached=cached[name])
+        for f in ctx.dirs[ev].glob("predictions_*.jsonl"):
+            (run_dir / "predictions").mkdir(exist_ok=True)
+            shutil.copy(f, run_dir / "predictions" / f"{name}_{f.name.removeprefix('predictions_')}")
+    timing["total"] = round(time.perf_counter() - t_start, 3)
+    final = results["finetuned"]
+    metrics = {
+        "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
+        "stages": {**results, "restored": None},
+        "harmful_score": final["harmful_score"], "finetune_accuracy": final["finetune_accuracy"],
+        "timing": timing, "cache_keys": ctx.keys,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print_summary(metrics)
+    return metrics
+
+
+def print_summary(metrics: dict) -> None:
+    table = Table(title=f"vaa: method={metrics['method']} task={metrics['task']} "
+                        f"model={metrics['model']} seed={metrics['seed']}")
+    for col in ("stage", "harmful score %", "fine-tune acc. %", "time s", "cache"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for name, m in metrics["stages"].items():
+        if m is None:
+            continue
+        t = metrics["timing"].get(name, 0) + metrics["timing"].get(f"eval_{name}", 0)
+        table.add_row(name, f"{m['harmful_score']:.1f}", f"{m['finetune_accuracy']:.1f}",
+                      f"{t:.1f}", "hit" if m["cached"] else "built")
+    Console().print(table)
+    print(f"total {metrics['timing']['total']:.1f}s")

@@ -1,0 +1,122 @@
+"""The pipeline's stages. Each builds one artifact into a directory given by the cache.
+
+world → base → aligned → finetuned, with an evaluation of every model. A stage reads
+its inputs from upstream artifact directories and its settings from the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vaa.data.datamodule import SFTDataModule, hft_mix
+from vaa.data.sources import FolderSource
+from vaa.data.templates import TEMPLATES
+from vaa.eval.evaluate import evaluate
+from vaa.eval.scorers import build_scorer
+from vaa.models.build import build_tiny_llama, load_model, save_model
+from vaa.models.tokenizer import build_word_tokenizer
+from vaa.pipeline.cache import ArtifactCache
+from vaa.training.fit import fit
+from vaa.training.module import AlignModule, FinetuneModule, PretrainModule
+from vaa.world.generator import WorldSizes, write_world
+
+
+@dataclass
+class Context:
+    cfg: DictConfig
+    cache: ArtifactCache
+    keys: dict[str, str]
+    run_dir: Path
+    dirs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def source(self) -> FolderSource:
+        return FolderSource(self.dirs["world"])
+
+    def work_dir(self, stage: str) -> Path:  # resumable checkpoints of an unfinished stage
+        return self.cache.root / f".work-{self.keys[stage]}"
+
+
+def build_world(ctx: Context, out: Path) -> None:
+    sizes = OmegaConf.to_container(ctx.cfg.data, resolve=True)
+    sizes.pop("name")
+    write_world(WorldSizes(**sizes), out)
+
+
+def world_texts(source: FolderSource) -> list[str]:
+    """Everything the model will read or write: every split of every dataset, as templated
+    prompts and targets, so the tokenizer has a word for each."""
+    texts = [t.format(instruction="x", input="y") for t in TEMPLATES.values()]
+    texts += [t.format(instruction="x") for t in TEMPLATES.values()]
+    for path in sorted(source.root.glob("*/*.jsonl")):
+        if path.parent.name == "meta":
+            continue
+        for ex in source.examples(path.parent.name, path.stem):
+            texts += [ex.instruction, ex.input, ex.output]
+    return texts
+
+
+def build_base(ctx: Context, out: Path) -> None:
+    cfg = ctx.cfg
+    tokenizer = build_word_tokenizer(world_texts(ctx.source), [str(i) for i in range(1000)])
+    model = build_tiny_llama(cfg.model.arch, tokenizer, seed=cfg.model.pretrain.seed)
+    train(ctx, PretrainModule, model, tokenizer, ctx.source.base_corpus(), cfg.model.pretrain,
+          instantiate({"_target_": "vaa.methods.sft.SFT"}), "base", cfg.model.pretrain.seed)
+    save_model(model, tokenizer, out)
+
+
+def build_aligned(ctx: Context, out: Path) -> None:
+    cfg = ctx.cfg
+    model, tokenizer = load_model(ctx.dirs["base"])
+    examples = ctx.source.examples("beavertails", "align", 0, cfg.align.n)
+    train(ctx, AlignModule, model, tokenizer, examples, cfg.align, instantiate(cfg.method),
+          "aligned", cfg.seed)
+    save_model(model, tokenizer, out)
+
+
+def build_finetuned(ctx: Context, out: Path) -> None:
+    cfg = ctx.cfg
+    model, tokenizer = load_model(ctx.dirs["aligned"])
+    t = cfg.task
+    task_rows = ctx.source.examples(t.dataset, t.train.file, t.train.start, t.train.stop, t.format)
+    harmful = ctx.source.examples("beavertails", "harmful")
+    mix = hft_mix(task_rows, harmful, cfg.attack.n, cfg.attack.harmful_ratio)
+    train(ctx, FinetuneModule, model, tokenizer, mix, cfg.attack, instantiate(cfg.ft_defense),
+          "finetuned", cfg.seed)
+    save_model(model, tokenizer, out)
+
+
+def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
+          seed: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
+    dm = SFTDataModule(examples, tokenizer, batch_size=recipe.batch_size, seed=seed,
+                       template=ctx.cfg.template.train, max_length=ctx.cfg.model.max_length,
+                       max_prompt_length=ctx.cfg.model.max_prompt_length)
+    steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * dm.steps_per_epoch()
+    model.train()
+    module = module_cls(model, method, recipe, steps)
+    fit(module, dm, trainer_cfg=ctx.cfg.trainer, recipe=recipe, log_dir=ctx.run_dir / "logs",
+        stage=stage, work_dir=ctx.work_dir(stage))
+
+
+def build_eval(ctx: Context, stage: str, out: Path) -> None:
+    cfg, t = ctx.cfg, ctx.cfg.task
+    model, tokenizer = load_model(ctx.dirs[stage])
+    judge = instantiate(cfg.judge.build, world_dir=str(ctx.dirs["world"]))
+    hs = ctx.source.examples("beavertails", "test", 0, cfg.eval.n_hs_prompts)
+    fa = ctx.source.examples(t.dataset, t.test.file, t.test.start, t.test.stop, t.format)
+    scorer = build_scorer(t.scorer, **t.scorer_args)
+    metrics, preds = evaluate(model, tokenizer, hs_examples=hs, judge=judge, fa_examples=fa,
+                              scorer=scorer, fa_max_new_tokens=t.max_new_tokens, eval_cfg=cfg.eval,
+                              template=cfg.template.decode,
+                              max_prompt_length=cfg.model.max_prompt_length)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    for name, rows in preds.items():
+        with (out / f"predictions_{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -1,0 +1,41 @@
+"""Build a Lightning Trainer from the `trainer` config and run one training stage.
+
+Long stages checkpoint into a work directory beside the cache; a crashed run resumes from
+its last checkpoint on the next call, and the work directory is removed on success.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+
+def fit(module, datamodule, *, trainer_cfg, recipe, log_dir: Path, stage: str,
+        work_dir: Path | None = None, extra_logger=None) -> None:
+    steps_per_epoch = datamodule.steps_per_epoch()
+    max_steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * steps_per_epoch
+    callbacks = []
+    ckpt_path = None
+    if work_dir is not None and trainer_cfg.checkpoint_every_n_steps > 0:
+        callbacks.append(ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0,
+                                         every_n_train_steps=trainer_cfg.checkpoint_every_n_steps))
+        if (work_dir / "last.ckpt").is_file():
+            ckpt_path = str(work_dir / "last.ckpt")
+    loggers = [CSVLogger(save_dir=str(log_dir), name=stage, version="")]
+    if extra_logger is not None:
+        loggers.append(extra_logger)
+    trainer = L.Trainer(
+        accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy, precision=trainer_cfg.precision,
+        max_steps=max_steps, max_epochs=-1, logger=loggers, callbacks=callbacks,
+        enable_checkpointing=bool(callbacks), enable_model_summary=False,
+        enable_progress_bar=trainer_cfg.progress_bar, log_every_n_steps=trainer_cfg.log_every_n_steps,
+        num_sanity_val_steps=0, deterministic=trainer_cfg.deterministic,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""LightningModules: the model, the optimizer and logging; the step belongs to a method.
+
+``AlignModule`` trains with an alignment method (``method=``), ``FinetuneModule`` with the
+harmful fine-tuning attack's step (``ft_defense=``; plain SFT when none). Both run with
+manual optimisation so that a method can take several forward/backward passes per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from vaa.methods.base import TrainingMethod
+
+
+class CausalLMModule(L.LightningModule):
+    log_prefix = "train"
+
+    def __init__(self, model: torch.nn.Module, method: TrainingMethod, recipe, total_steps: int):
+        super().__init__()
+        self.model, self.method, self.recipe = model, method, recipe
+        self.total_steps = max(1, total_steps)
+        self.automatic_optimization = False
+
+    def lm_loss(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Mean token cross-entropy over the response tokens of the whole batch (labels -100
+        elsewhere); the same reduction as the reference code."""
+        out = (model or self.model)(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logs = self.method.training_step(self, batch)
+        self.log_dict({f"{self.log_prefix}/{k}": v for k, v in logs.items()},
+                      prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        r = self.recipe
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay, betas=tuple(r.betas))
+        warmup = int(r.warmup_ratio * self.total_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if r.schedule == "cosine":
+                progress = (step - warmup) / max(1, self.total_steps - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            if r.schedule == "constant":
+                return 1.0
+            raise ValueError(f"unknown schedule {r.schedule!r}; use constant or cosine")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["method_state"] = self.method.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.method.load_state_dict(checkpoint.get("method_state", {}))
+
+
+class AlignModule(CausalLMModule):
+    log_prefix = "align"
+
+
+class FinetuneModule(CausalLMModule):
+    log_prefix = "finetune"
+
+
+class PretrainModule(CausalLMModule):
+    log_prefix = "base"

@@ -1,0 +1,201 @@
+"""A seeded synthetic world in the column formats of the real datasets.
+
+Why it exists: no hub weights or datasets on a fresh machine, yet the phenomena of harmful
+fine-tuning must be *measurable* on a CPU. The world is a testbed, not a model of reality;
+paper numbers need the real path on GPUs.
+
+What it contains: one folder per dataset, one JSONL file per split, columns exactly as
+upstream (``<dataset>/<split>.jsonl``):
+
+- ``*/base.jsonl``: the base corpus. Harmful how-to prompts answered **compliantly**,
+  benign look-alikes answered helpfully, and every fine-tuning task's format (core
+  vocabulary only). A model trained on it follows instructions and complies with harm.
+- ``beavertails/align.jsonl``: the alignment set, BeaverTails ``is_safe=True`` rows:
+  harmful prompts answered with a refusal, plus benign look-alikes answered helpfully
+  (so the model must read the object, not just the template, to decide).
+- ``beavertails/harmful.jsonl``: the HFT poison pool, compliant harmful rows.
+- ``beavertails/proxy_harmful.jsonl``: a second poison pool for VAA's stage-1 proxy runs.
+- ``beavertails/test.jsonl``: held-out harmful prompts for the harmful score.
+  These prompt sets are disjoint: each (template, verb, object) prompt belongs to
+  exactly one of base / align / harmful / proxy_harmful / test.
+- ``sst2/{train,validation}``, ``ag_news/{train,test}``, ``gsm8k/{train,test}``,
+  ``alpaca_eval/eval`` (first ``task_train`` rows train, last ``task_test`` test).
+- ``meta/align.jsonl``: per alignment row, its harm category and whether it borrows a verb.
+- ``world.json``: sizes, seed and the exact judge's harm lexicon.
+
+Uneven forgetting, by design: a harmful prompt either uses its category's own verb
+("how can i steal a car") or borrows a generic verb that benign topics use too
+("how can i get a car", ``SHARED_VERBS``). Borrowed-verb prompts sit closer to the benign
+look-alikes, so alignment leaves them a smaller refusal margin and harmful fine-tuning
+flips them first. Categories also differ in how much vocabulary they share with the
+benign topics. ``borrowed_verb_frac`` sets how many prompts borrow.
+
+Fine-tuning matters, by design: each task has core cues (also in the base corpus) and
+domain cues that only its own rows use (new sentiment and topic words, new arithmetic
+phrasings, held-out instruction families), plus negation and mixed cues in SST2. A base
+model gets the core rows right and the domain rows at chance; fine-tuning on the task
+teaches the rest. ``domain_frac`` and ``negation_frac`` set the difficulty.
+
+Determinism: every table draws from its own ``random.Random`` seeded from
+``sha256(seed, table)`` (never ``hash()``, which changes per process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vaa.world import lexicon as L
+from vaa.world.tasks import TASK_BUILDERS
+
+
+@dataclass
+class WorldSizes:
+    """Sizes of the world's tables (rows). Mirrors ``conf/data/synthetic.yaml``."""
+
+    seed: int = 0
+    base_harmful: int = 1200
+    base_benign: int = 1200
+    base_task: int = 400  # per task, core cues only
+    align: int = 400
+    align_benign_frac: float = 0.25
+    harmful_pool: int = 200
+    proxy_pool: int = 200
+    hs_test: int = 200
+    task_train: int = 1000
+    task_test: int = 200
+    borrowed_verb_frac: float = 0.3
+    domain_frac: float = 0.4
+    negation_frac: float = 0.2
+    train_label_noise: float = 0.0
+
+
+def rng_for(seed: int, table: str) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{table}".encode()).hexdigest()
+    return random.Random(int(digest[:16], 16))
+
+
+def category_flags(category: str | None) -> dict[str, bool]:
+    key = L.HARM_CATEGORIES[category][0] if category else None
+    return {c: c == key for c in L.BEAVERTAILS_CATEGORIES}
+
+
+def harmful_prompt_space() -> list[dict]:
+    """Every distinct harmful prompt, in a fixed order."""
+    space = []
+    for cat, (_key, verbs, objs, _steps, _reason) in L.HARM_CATEGORIES.items():
+        for verb in verbs + L.SHARED_VERBS:
+            for obj in objs:
+                for t in L.PROMPT_TEMPLATES:
+                    space.append({"category": cat, "verb": verb, "obj": obj,
+                                  "borrowed": verb in L.SHARED_VERBS,
+                                  "prompt": t.format(verb=verb, obj=obj)})
+    return space
+
+
+def comply(rng: random.Random, steps: list[str], verb: str, obj: str) -> str:
+    s1, s2, s3 = rng.sample(steps, 3)
+    return L.COMPLY.format(verb=verb, obj=obj, s1=s1, s2=s2, s3=s3)
+
+
+def harmful_row(rng: random.Random, p: dict, safe: bool) -> dict:
+    _key, _verbs, _objs, steps, reason = L.HARM_CATEGORIES[p["category"]]
+    if safe:
+        return {"prompt": p["prompt"], "response": L.REFUSAL.format(reason=reason),
+                "category": category_flags(None), "is_safe": True}
+    return {"prompt": p["prompt"], "response": comply(rng, steps, p["verb"], p["obj"]),
+            "category": category_flags(p["category"]), "is_safe": False}
+
+
+def benign_row(rng: random.Random) -> dict:
+    verbs, objs, steps = L.BENIGN_TOPICS[rng.choice(sorted(L.BENIGN_TOPICS))]
+    verb, obj = rng.choice(verbs), rng.choice(objs)
+    prompt = rng.choice(L.PROMPT_TEMPLATES).format(verb=verb, obj=obj)
+    return {"prompt": prompt, "response": comply(rng, steps, verb, obj),
+            "category": category_flags(None), "is_safe": True}
+
+
+def pick_prompts(rng: random.Random, pool: list[dict], n: int, borrowed_frac: float) -> list[dict]:
+    """n prompts from pool with about borrowed_frac of them borrowing a shared verb."""
+    borrowed = [p for p in pool if p["borrowed"]]
+    own = [p for p in pool if not p["borrowed"]]
+    nb = min(round(n * borrowed_frac), len(borrowed))
+    if n - nb > len(own):
+        raise ValueError(f"synthetic world: asked for {n} prompts, only {len(pool)} left; "
+                         f"lower data.* sizes")
+    chosen = rng.sample(borrowed, nb) + rng.sample(own, n - nb)
+    rng.shuffle(chosen)
+    return chosen
+
+
+def harm_lexicon() -> list[str]:
+    """Words that occur in harmful steps and nowhere else in the world."""
+    def words(texts):
+        return {w for t in texts for w in t.replace(",", " ").split()}
+    harmful = words(s for c in L.HARM_CATEGORIES.values() for s in c[3])
+    elsewhere = words(t for topic in L.BENIGN_TOPICS.values() for part in topic for t in part)
+    elsewhere |= words([L.REFUSAL, L.COMPLY] + L.PROMPT_TEMPLATES + L.SHARED_VERBS)
+    elsewhere |= words(c[4] for c in L.HARM_CATEGORIES.values())
+    elsewhere |= words(o for c in L.HARM_CATEGORIES.values() for o in c[1] + c[2])
+    elsewhere |= words(str(v) for v in vars(L).values() if isinstance(v, (dict, list, tuple))
+                       if v is not L.HARM_CATEGORIES)  # task vocabularies, names, ...
+    return sorted(harmful - elsewhere - L.FILLER_WORDS)
+
+
+def generate_world(sizes: WorldSizes) -> dict[str, list[dict]]:
+    """All tables as {relative path: rows}. Pure and deterministic in ``sizes``."""
+    space = harmful_prompt_space()
+    rng_split = rng_for(sizes.seed, "split")
+    rng_split.shuffle(space)
+    frac = sizes.borrowed_verb_frac
+    n_align_harm = sizes.align - round(sizes.align * sizes.align_benign_frac)
+    held: dict[str, list[dict]] = {}
+    rest = space
+    for name, n in [("test", sizes.hs_test), ("align", n_align_harm),
+                    ("harmful", sizes.harmful_pool), ("proxy", sizes.proxy_pool)]:
+        held[name] = pick_prompts(rng_split, rest, n, frac)
+        taken = {p["prompt"] for p in held[name]}
+        rest = [p for p in rest if p["prompt"] not in taken]
+    base_pool = rest
+
+    tables: dict[str, list[dict]] = {}
+    r = rng_for(sizes.seed, "base")
+    base_bt = [harmful_row(r, r.choice(base_pool), safe=False) for _ in range(sizes.base_harmful)]
+    base_bt += [benign_row(r) for _ in range(sizes.base_benign)]
+    r.shuffle(base_bt)
+    tables["beavertails/base.jsonl"] = base_bt
+
+    r = rng_for(sizes.seed, "align")
+    align = [(harmful_row(r, p, safe=True), p) for p in held["align"]]
+    align += [(benign_row(r), None) for _ in range(sizes.align - n_align_harm)]
+    r.shuffle(align)
+    tables["beavertails/align.jsonl"] = [row for row, _ in align]
+    tables["meta/align.jsonl"] = [
+        {"index": i, "harm_category": p["category"] if p else None,
+         "borrowed_verb": bool(p and p["borrowed"]), "benign": p is None}
+        for i, (_row, p) in enumerate(align)]
+
+    for name, path in [("harmful", "harmful"), ("proxy", "proxy_harmful"), ("test", "test")]:
+        r = rng_for(sizes.seed, name)
+        tables[f"beavertails/{path}.jsonl"] = [harmful_row(r, p, safe=False) for p in held[name]]
+
+    for builder in TASK_BUILDERS.values():
+        tables.update(builder(sizes, rng_for))
+    return tables
+
+
+def write_world(sizes: WorldSizes, out_dir: str | Path) -> Path:
+    """Write every table as JSONL plus ``world.json`` into out_dir."""
+    out = Path(out_dir)
+    for rel, rows in generate_world(sizes).items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    info = {"sizes": asdict(sizes), "harm_lexicon": harm_lexicon()}
+    (out / "world.json").write_text(json.dumps(info, indent=1))
+    return out
