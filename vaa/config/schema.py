@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from vaa.world.generator import WorldSizes
+
 
 @dataclass
 class TrainRecipe:
@@ -70,25 +72,10 @@ class ModelConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    """Sizes of the synthetic world; see vaa/world/generator.py for what each table is."""
+class SyntheticDataConfig(WorldSizes):
+    """Sizes of the synthetic world; the defaults live in ``WorldSizes`` (one source)."""
 
     name: str = "synthetic"
-    seed: int = 0
-    base_harmful: int = 1200
-    base_benign: int = 1200
-    base_task: int = 400
-    align: int = 400
-    align_benign_frac: float = 0.25
-    harmful_pool: int = 200
-    proxy_pool: int = 200
-    hs_test: int = 200
-    task_train: int = 1000
-    task_test: int = 200
-    borrowed_verb_frac: float = 0.3
-    domain_frac: float = 0.4
-    negation_frac: float = 0.2
-    train_label_noise: float = 0.0
 
 
 @dataclass

@@ -64,7 +64,7 @@ def world_texts(source: FolderSource) -> list[str]:
 
 def build_base(ctx: Context, out: Path) -> None:
     cfg = ctx.cfg
-    tokenizer = build_word_tokenizer(world_texts(ctx.source), [str(i) for i in range(1000)])
+    tokenizer = build_word_tokenizer(world_texts(ctx.source), [str(i) for i in range(100)])
     model = build_tiny_llama(cfg.model.arch, tokenizer, seed=cfg.model.pretrain.seed)
     train(ctx, PretrainModule, model, tokenizer, ctx.source.base_corpus(), cfg.model.pretrain,
           instantiate({"_target_": "vaa.methods.sft.SFT"}), "base", cfg.model.pretrain.seed)

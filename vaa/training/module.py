@@ -15,6 +15,25 @@ import torch
 from vaa.methods.base import TrainingMethod
 
 
+def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the next-token prediction at response positions only.
+
+    Identical in value to ``model(..., labels=labels).loss``, but the output projection runs
+    only where a label exists: the prompt (most of each row) never pays for its logits,
+    which saves time on small models and a (tokens × vocab) tensor on large ones. Models
+    without the usual decoder / output-embedding split fall back to the library's loss.
+    """
+    labels = batch["labels"][:, 1:]
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or head is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    keep = labels != -100
+    logits = head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[keep])
+
+
 class CausalLMModule(L.LightningModule):
     log_prefix = "train"
 
@@ -26,11 +45,8 @@ class CausalLMModule(L.LightningModule):
 
     def lm_loss(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
         """Mean token cross-entropy over the response tokens of the whole batch (labels -100
-        elsewhere); the same reduction as the reference code."""
-        out = (model or self.model)(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss
-
+        elsewhere), the reduction of the reference code. See ``response_loss``."""
+        return response_loss(model or self.model, batch)
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logs = self.method.training_step(self, batch)
         self.log_dict({f"{self.log_prefix}/{k}": v for k, v in logs.items()},

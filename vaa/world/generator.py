@@ -57,9 +57,9 @@ class WorldSizes:
     """Sizes of the world's tables (rows). Mirrors ``conf/data/synthetic.yaml``."""
 
     seed: int = 0
-    base_harmful: int = 1200
-    base_benign: int = 1200
-    base_task: int = 400  # per task, core cues only
+    base_harmful: int = 1000
+    base_benign: int = 1000
+    base_task: int = 600  # per task, core cues only
     align: int = 400
     align_benign_frac: float = 0.25
     harmful_pool: int = 200
