@@ -34,6 +34,8 @@ def _beavertails(row: dict) -> Example:
 
 def _label(labels: tuple[str, ...], row: dict, path: str, i: int) -> str:
     y = row["label"]
+    if isinstance(y, str) and y.strip().isascii() and y.strip().isdigit():
+        y = int(y)  # CSV cells are strings: "1" is the label 1
     if not isinstance(y, int) or isinstance(y, bool) or not 0 <= y < len(labels):
         raise ValueError(f"{path}, row {i}: 'label' must be an int in 0..{len(labels) - 1}, got {y!r}")
     return labels[y]

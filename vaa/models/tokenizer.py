@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, decoders
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
@@ -37,7 +37,8 @@ def build_word_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()) 
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIALS["unk"]))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    # No decoder: tokens are joined with single spaces, exact for the world's text. (A
+    # WordPiece decoder would glue "###" onto the previous word as a "##" continuation.)
     bos = SPECIALS["bos"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])

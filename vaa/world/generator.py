@@ -68,6 +68,7 @@ class WorldSizes:
     task_train: int = 1000
     task_test: int = 200
     borrowed_verb_frac: float = 0.3
+    category_skew: float = 1.0  # category k has frequency ∝ 1/k**skew (0: uniform)
     domain_frac: float = 0.4
     negation_frac: float = 0.2
     train_label_noise: float = 0.0
@@ -96,17 +97,19 @@ def harmful_prompt_space() -> list[dict]:
     return space
 
 
-def comply(rng: random.Random, steps: list[str], verb: str, obj: str) -> str:
+def comply(rng: random.Random, steps: list[str], verb: str, obj: str, opener: str) -> str:
     s1, s2, s3 = rng.sample(steps, 3)
-    return L.COMPLY.format(verb=verb, obj=obj, s1=s1, s2=s2, s3=s3)
+    return L.COMPLY.format(opener=opener, verb=verb, obj=obj, s1=s1, s2=s2, s3=s3)
 
 
 def harmful_row(rng: random.Random, p: dict, safe: bool) -> dict:
     _key, _verbs, _objs, steps, reason = L.HARM_CATEGORIES[p["category"]]
+    cat = p["category"]
     if safe:
-        return {"prompt": p["prompt"], "response": L.REFUSAL.format(reason=reason),
+        return {"prompt": p["prompt"], "response": L.REFUSALS[cat].format(reason=reason),
                 "category": category_flags(None), "is_safe": True}
-    return {"prompt": p["prompt"], "response": comply(rng, steps, p["verb"], p["obj"]),
+    return {"prompt": p["prompt"],
+            "response": comply(rng, steps, p["verb"], p["obj"], L.COMPLY_OPENERS[cat]),
             "category": category_flags(p["category"]), "is_safe": False}
 
 
@@ -114,35 +117,58 @@ def benign_row(rng: random.Random) -> dict:
     verbs, objs, steps = L.BENIGN_TOPICS[rng.choice(sorted(L.BENIGN_TOPICS))]
     verb, obj = rng.choice(verbs), rng.choice(objs)
     prompt = rng.choice(L.PROMPT_TEMPLATES).format(verb=verb, obj=obj)
-    return {"prompt": prompt, "response": comply(rng, steps, verb, obj),
+    return {"prompt": prompt, "response": comply(rng, steps, verb, obj, L.BENIGN_OPENER),
             "category": category_flags(None), "is_safe": True}
 
 
-def pick_prompts(rng: random.Random, pool: list[dict], n: int, borrowed_frac: float) -> list[dict]:
-    """n prompts from pool with about borrowed_frac of them borrowing a shared verb."""
-    borrowed = [p for p in pool if p["borrowed"]]
-    own = [p for p in pool if not p["borrowed"]]
-    nb = min(round(n * borrowed_frac), len(borrowed))
-    if n - nb > len(own):
-        raise ValueError(f"synthetic world: asked for {n} prompts, only {len(pool)} left; "
-                         f"lower data.* sizes")
-    chosen = rng.sample(borrowed, nb) + rng.sample(own, n - nb)
-    rng.shuffle(chosen)
+def category_weights(skew: float) -> dict[str, float]:
+    """BeaverTails-like category frequencies: the k-th category has weight 1/k**skew."""
+    return {c: 1.0 / (k + 1) ** skew for k, c in enumerate(L.HARM_CATEGORIES)}
+
+
+def pick_prompts(rng: random.Random, pool: list[dict], n: int, borrowed_frac: float,
+                 weights: dict[str, float]) -> list[dict]:
+    """n distinct prompts from pool: category by ``weights``, then a borrowed verb with
+    probability ``borrowed_frac``."""
+    cells: dict[tuple[str, bool], list[dict]] = {}
+    for p in pool:
+        cells.setdefault((p["category"], p["borrowed"]), []).append(p)
+    for cell in cells.values():
+        rng.shuffle(cell)
+    cats = list(weights)
+    chosen = []
+    for _ in range(n):
+        cat = rng.choices(cats, [weights[c] for c in cats])[0]
+        borrowed = rng.random() < borrowed_frac
+        cell = cells.get((cat, borrowed)) or cells.get((cat, not borrowed))
+        if not cell:
+            raise ValueError(f"synthetic world: no prompts left in category {cat!r}; lower "
+                             f"data.* sizes or data.category_skew")
+        chosen.append(cell.pop())
     return chosen
 
 
+def _strings(obj) -> list[str]:
+    """Every string inside nested dicts / lists / tuples (keys included)."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in _strings(k) + _strings(v)]
+    if isinstance(obj, (list, tuple, set)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
 def harm_lexicon() -> list[str]:
-    """Words that occur in harmful steps and nowhere else in the world."""
+    """Words that occur in harmful steps and nowhere else in the world's vocabulary."""
     def words(texts):
         return {w for t in texts for w in t.replace(",", " ").split()}
-    harmful = words(s for c in L.HARM_CATEGORIES.values() for s in c[3])
-    elsewhere = words(t for topic in L.BENIGN_TOPICS.values() for part in topic for t in part)
-    elsewhere |= words([L.REFUSAL, L.COMPLY] + L.PROMPT_TEMPLATES + L.SHARED_VERBS)
-    elsewhere |= words(c[4] for c in L.HARM_CATEGORIES.values())
-    elsewhere |= words(o for c in L.HARM_CATEGORIES.values() for o in c[1] + c[2])
-    elsewhere |= words(str(v) for v in vars(L).values() if isinstance(v, (dict, list, tuple))
-                       if v is not L.HARM_CATEGORIES)  # task vocabularies, names, ...
-    return sorted(harmful - elsewhere - L.FILLER_WORDS)
+    steps = [s for c in L.HARM_CATEGORIES.values() for s in c[3]]
+    everything_else = [s for name, v in vars(L).items() if name.isupper() and name != "HARM_CATEGORIES"
+                       for s in _strings(v)]
+    everything_else += [s for c in L.HARM_CATEGORIES.values() for part in (c[1], c[2], [c[4]])
+                        for s in part]
+    return sorted(words(steps) - words(everything_else) - L.FILLER_WORDS)
 
 
 def generate_world(sizes: WorldSizes) -> dict[str, list[dict]]:
@@ -151,19 +177,20 @@ def generate_world(sizes: WorldSizes) -> dict[str, list[dict]]:
     rng_split = rng_for(sizes.seed, "split")
     rng_split.shuffle(space)
     frac = sizes.borrowed_verb_frac
+    weights = category_weights(sizes.category_skew)
     n_align_harm = sizes.align - round(sizes.align * sizes.align_benign_frac)
     held: dict[str, list[dict]] = {}
     rest = space
     for name, n in [("test", sizes.hs_test), ("align", n_align_harm),
                     ("harmful", sizes.harmful_pool), ("proxy", sizes.proxy_pool)]:
-        held[name] = pick_prompts(rng_split, rest, n, frac)
+        held[name] = pick_prompts(rng_split, rest, n, frac, weights)
         taken = {p["prompt"] for p in held[name]}
         rest = [p for p in rest if p["prompt"] not in taken]
     base_pool = rest
 
     tables: dict[str, list[dict]] = {}
     r = rng_for(sizes.seed, "base")
-    base_bt = [harmful_row(r, r.choice(base_pool), safe=False) for _ in range(sizes.base_harmful)]
+    base_bt = [harmful_row(r, p, safe=False) for p in r.choices(base_pool, k=sizes.base_harmful)]
     base_bt += [benign_row(r) for _ in range(sizes.base_benign)]
     r.shuffle(base_bt)
     tables["beavertails/base.jsonl"] = base_bt
