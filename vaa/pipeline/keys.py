@@ -7,6 +7,10 @@ pipeline uses, so the two cannot disagree.
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from vaa.pipeline.cache import stage_key
@@ -15,6 +19,17 @@ from vaa.pipeline.cache import stage_key
 def _sub(cfg: DictConfig, *keys: str) -> dict:
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
             for k in keys}
+
+
+@lru_cache(maxsize=1)
+def world_code_digest() -> str:
+    """Hash of the synthetic world's generator source: the world is defined by code as much
+    as by config, so editing the generator must not reuse a stale cached world."""
+    world_pkg = Path(__file__).resolve().parent.parent / "world"
+    h = hashlib.sha256()
+    for f in sorted(world_pkg.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def task_train_subtree(cfg: DictConfig) -> dict:
@@ -33,7 +48,7 @@ def plan_keys(cfg: DictConfig) -> dict[str, str]:
     """Cache keys of every stage of this run: world, base, aligned, finetuned and one
     evaluation per trained model (``eval_<stage>``)."""
     k: dict[str, str] = {}
-    k["world"] = stage_key("world", cfg.data)
+    k["world"] = stage_key("world", {"data": cfg.data, "code": world_code_digest()})
     model = OmegaConf.to_container(cfg.model, resolve=True)
     k["base"] = stage_key("base", {"model": model, "template": cfg.template.train}, [k["world"]])
     k["aligned"] = stage_key("aligned", {

@@ -41,7 +41,7 @@ def build_sst2(sz, rng_for) -> Rows:
             s, y = sst2_sentence(r, r.random() < domain_frac, r.random() < neg_frac, mixed)
             out.append({"idx": i, "sentence": s, "label": _flip(y, r, noise)})
         return out
-    return {"sst2/base.jsonl": rows(rng_for(sz.seed, "sst2-base"), sz.base_task, 0.0, 0.0, 0.0, 0.0),
+    return {"sst2/base.jsonl": rows(rng_for(sz.seed, "sst2-base"), sz.base_task, 0.0, sz.negation_frac, 0.0),
             "sst2/train.jsonl": rows(rng_for(sz.seed, "sst2-train"), sz.task_train,
                                      sz.domain_frac, sz.negation_frac, sz.train_label_noise),
             "sst2/validation.jsonl": rows(rng_for(sz.seed, "sst2-test"), sz.task_test,

@@ -1,0 +1,57 @@
+"""Smoke runs of the benchmarks (quick mode, in-process): each prints its figures as one JSON
+line, last on stdout, under its own name. No speed is asserted here: targets live in the
+benchmarks themselves (DESIGN.md, "Observable contracts")."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import numbers
+import sys
+from pathlib import Path
+
+import pytest
+
+# `benchmarks/` is a top-level folder of the repository, not part of the installed package:
+# make it importable however pytest was started (`pytest` does not put the cwd on sys.path).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _last_json_line(capsys) -> dict:
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, "the benchmark printed nothing on stdout"
+    return json.loads(lines[-1])
+
+
+def _positive(record: dict, keys: list[str]) -> None:
+    for k in keys:
+        v = record.get(k)
+        assert isinstance(v, numbers.Real) and not isinstance(v, bool), (k, v)
+        assert v > 0, (k, v)
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("loop_overhead", ["ratio", "lightning_ms", "bare_ms", "steps", "batch_size", "seq_len",
+                       "hidden_size", "layers"]),
+    ("generation", ["speedup", "batched_prompts_per_s", "single_prompts_per_s",
+                    "identical_fraction", "n_prompts"]),
+])
+def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
+    import torch
+
+    mod = importlib.import_module(f"benchmarks.{name}")
+    threads = torch.get_num_threads()
+    returned = mod.main(["--quick"])
+    assert torch.get_num_threads() == threads  # the run's thread setting is undone
+    record = _last_json_line(capsys)
+    assert record["benchmark"] == name
+    assert record == json.loads(json.dumps(returned))
+    _positive(record, keys)
+    assert record["machine"]["threads"] >= 1
+    if name == "loop_overhead":  # both sides did the same work: the same weights at the end
+        assert record["max_weight_diff"] <= 1e-6
+    if name == "generation":  # greedy: batching must not change the text
+        assert record["identical_fraction"] == 1.0
