@@ -219,7 +219,9 @@ def test_meta_describes_align_rows(world):
     for row, m in zip(align, meta):
         if m["benign"]:
             assert m["harm_category"] is None and m["borrowed_verb"] is False
-            assert row["response"].startswith(L.BENIGN_OPENER)
+            general = any(row["prompt"].startswith(t.split("{")[0])
+                          for fam in L.ALPACA_CORE for t in L.ALPACA_FAMILIES[fam][0])
+            assert row["response"].startswith(L.BENIGN_OPENER) or general, row
             continue
         cat = m["harm_category"]
         _key, verbs, objs, _steps, reason = L.HARM_CATEGORIES[cat]

@@ -99,10 +99,76 @@ class TaskConfig:
 
 @dataclass
 class MethodConfig:
-    """Base schema of an alignment method; methods with knobs subclass it."""
+    """Base schema of an alignment method. Methods with knobs add them in their YAML under
+    typed groups (VAA: ``dro``) or subclass this schema."""
 
     _target_: str = "vaa.methods.sft.SFT"
     name: str = "sft"
+
+
+@dataclass
+class VAAMethodConfig(MethodConfig):
+    _target_: str = "vaa.methods.vaa.VAA"
+    name: str = "vaa"
+    dro: Any = None  # the `dro` group, interpolated: ${dro}
+    seed: int = 0
+
+
+@dataclass
+class ProxyRun:
+    """One stage-1 proxy HFT run: a task's rows mixed with the proxy harmful pool."""
+
+    name: str = "alpaca"
+    dataset: str = "alpaca_eval"
+    format: str = "alpaca_eval"
+    split: str = "eval"
+    start: int = 0
+    stop: Optional[int] = 1000
+    harmful_ratio: float = 0.1
+
+
+@dataclass
+class EstimateConfig:
+    """VAA stage 1 (vaa.md §2): proxy runs, checkpoints, ForgotNum definition, aggregation."""
+
+    proxies: list[ProxyRun] = field(default_factory=lambda: [ProxyRun()])
+    n: int = 1000
+    lr: float = 3e-5
+    epochs: int = 2
+    batch_size: int = 16
+    weight_decay: float = 0.1
+    checkpoints: int = 4  # T, evenly spaced over the run; t = 0 is always probed
+    definition: str = "first_vs_t0"  # first_vs_t0 | transitions
+    aggregate: str = "union"  # union | intersection
+
+
+@dataclass
+class SamplerConfig:
+    eta: float = 0.007
+    init: str = "uniform"  # uniform | empirical
+    clip: Optional[list[float]] = field(default_factory=lambda: [0.1, 0.9])  # reference code only
+    feedback: str = "bandit"  # bandit | full
+    update_q: bool = True
+
+
+@dataclass
+class SAMConfig:
+    rho: float = 0.4
+    restore: str = "copy"  # copy (exact) | subtract
+
+
+@dataclass
+class DROConfig:
+    """VAA stage 2 (vaa.md §3-4). Defaults: the reference Llama script."""
+
+    name: str = "default"
+    groups_file: Optional[str] = None  # groups.jsonl or the reference's index list; None: estimate
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sam: SAMConfig = field(default_factory=SAMConfig)
+    lambda_max: float = 1.0
+    lambda_schedule: str = "linear"  # linear | constant
+    lambda_mixing: str = "bernoulli"  # bernoulli (code) | weighted (paper)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
 @dataclass
@@ -119,5 +185,7 @@ def register() -> None:
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(group="method", name="vaa_schema", node=VAAMethodConfig)
+    cs.store(group="dro", name="dro_schema", node=DROConfig)
     cs.store(name="align_schema", node=AlignConfig, package="align")
     cs.store(name="eval_schema", node=EvalConfig, package="eval")

@@ -41,16 +41,17 @@ class SFTDataModule(L.LightningDataModule):
                           collate_fn=TrainCollator(self.tokenizer.pad_token_id))
 
 
-def hft_mix(task: Sequence[Example], harmful: Sequence[Example], n: int, p: float) -> list[Example]:
+def hft_mix(task: Sequence[Example], harmful: Sequence[Example], n: int, p: float,
+            keys: str = "attack") -> list[Example]:
     """The attack's training rows (protocol.md §3.3): the first floor((1-p)n) task rows and
     the first floor(pn) harmful rows, concatenated (the data loader shuffles them, seeded)."""
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"attack.harmful_ratio must be in [0, 1], got {p}")
+        raise ValueError(f"{keys}.harmful_ratio must be in [0, 1], got {p}")
     n_benign, n_harm = math.floor((1 - p) * n + 1e-9), math.floor(p * n + 1e-9)
     if n_benign > len(task):
-        raise ValueError(f"attack.n={n} needs {n_benign} task rows but the task's train split has "
-                         f"{len(task)}; lower attack.n or enlarge the split")
+        raise ValueError(f"{keys}.n={n} needs {n_benign} task rows but the task's train split has "
+                         f"{len(task)}; lower {keys}.n or enlarge the split")
     if n_harm > len(harmful):
-        raise ValueError(f"attack.n={n}, harmful_ratio={p} needs {n_harm} harmful rows but the pool "
-                         f"has {len(harmful)}; lower attack.harmful_ratio or attack.n")
+        raise ValueError(f"{keys}.n={n}, harmful_ratio={p} needs {n_harm} harmful rows but the pool "
+                         f"has {len(harmful)}; lower {keys}.harmful_ratio or {keys}.n")
     return list(task[:n_benign]) + list(harmful[:n_harm])

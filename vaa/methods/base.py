@@ -21,6 +21,14 @@ class TrainingMethod:
     def __init__(self, **hparams: Any):
         self.hparams = hparams
 
+    requires_groups = False  # True: trains on the vulnerable / invulnerable groups of VAA
+
+    def make_datamodule(self, examples, tokenizer, *, groups=None, **kw):
+        """The data this method trains on; the default is shuffled mixed batches."""
+        from vaa.data.datamodule import SFTDataModule
+
+        return SFTDataModule(examples, tokenizer, **kw)
+
     def setup(self, module, datamodule) -> None:
         """Called once before training (e.g. to attach extra data streams)."""
 

@@ -11,6 +11,7 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from vaa.pipeline.cache import stage_key
@@ -44,16 +45,49 @@ def task_eval_subtree(cfg: DictConfig) -> dict:
             "max_new_tokens": t.max_new_tokens}
 
 
+SFT_METHOD = {"_target_": "vaa.methods.sft.SFT", "name": "sft"}  # = conf/method/sft.yaml
+
+
+def needs_groups(cfg: DictConfig) -> bool:
+    """Whether the alignment method trains on vulnerable / invulnerable groups (VAA): its
+    class says so (``requires_groups``), no method name is special-cased."""
+    return bool(getattr(get_class(cfg.method._target_), "requires_groups", False))
+
+
+def file_digest(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"dro.groups_file: no file at {p}; give a groups.jsonl written by "
+                                f"the estimate stage, the reference's JSON index list, or null")
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def _aligned_key(cfg: DictConfig, method, upstream: list[str]) -> str:
+    return stage_key("aligned", {
+        "method": method, **_sub(cfg, "align", "seed"), "template": cfg.template.train,
+        "max_length": cfg.model.max_length}, upstream)
+
+
 def plan_keys(cfg: DictConfig) -> dict[str, str]:
-    """Cache keys of every stage of this run: world, base, aligned, finetuned and one
-    evaluation per trained model (``eval_<stage>``)."""
+    """Cache keys of every stage of this run: world, base, [sft_aligned, estimate,]
+    aligned, finetuned and one evaluation per trained model (``eval_<stage>``)."""
     k: dict[str, str] = {}
     k["world"] = stage_key("world", {"data": cfg.data, "code": world_code_digest()})
     model = OmegaConf.to_container(cfg.model, resolve=True)
     k["base"] = stage_key("base", {"model": model, "template": cfg.template.train}, [k["world"]])
-    k["aligned"] = stage_key("aligned", {
-        **_sub(cfg, "method", "align", "seed"), "template": cfg.template.train,
-        "max_length": cfg.model.max_length}, [k["base"], k["world"]])
+    upstream = [k["base"], k["world"]]
+    if needs_groups(cfg):
+        if cfg.dro.groups_file:
+            upstream.append(f"groups-{file_digest(cfg.dro.groups_file)}")
+        else:
+            k["sft_aligned"] = _aligned_key(cfg, SFT_METHOD, [k["base"], k["world"]])
+            k["estimate"] = stage_key("estimate", {
+                "estimate": OmegaConf.to_container(cfg.dro.estimate, resolve=True),
+                **_sub(cfg, "judge", "seed"), "template": cfg.template.decode,
+                "hs_max_new_tokens": cfg.eval.hs_max_new_tokens,
+                "max_length": cfg.model.max_length}, [k["sft_aligned"], k["world"]])
+            upstream.append(k["estimate"])
+    k["aligned"] = _aligned_key(cfg, OmegaConf.to_container(cfg.method, resolve=True), upstream)
     k["finetuned"] = stage_key("finetuned", {
         **_sub(cfg, "attack", "ft_defense", "seed"), "task": task_train_subtree(cfg),
         "template": cfg.template.train, "max_length": cfg.model.max_length}, [k["aligned"], k["world"]])

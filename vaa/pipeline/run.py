@@ -15,13 +15,16 @@ from rich.table import Table
 
 from vaa.pipeline import stages as S
 from vaa.pipeline.cache import ArtifactCache, resolve_cache_dir
-from vaa.pipeline.keys import plan_keys
+from vaa.pipeline.estimate import build_estimate
+from vaa.pipeline.keys import SFT_METHOD, plan_keys
+from vaa.utils import quiet_libraries
 
 log = logging.getLogger(__name__)
 TRAINED = ("base", "aligned", "finetuned")  # models, each evaluated
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
+    quiet_libraries()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = ArtifactCache(resolve_cache_dir(cfg.paths.cache_dir))
@@ -42,6 +45,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     builders = {"base": S.build_base, "aligned": S.build_aligned, "finetuned": S.build_finetuned}
     results: dict[str, dict] = {}
     for name in TRAINED:
+        if name == "aligned" and "estimate" in ctx.keys:  # VAA stage 1 first
+            stage("sft_aligned", partial(S.build_aligned, ctx, method_cfg=SFT_METHOD))
+            stage("estimate", partial(build_estimate, ctx))
+            shutil.copy(ctx.dirs["estimate"] / "groups.jsonl", run_dir / "groups.jsonl")
+            shutil.copy(ctx.dirs["estimate"] / "forgetting.png", run_dir / "forgetting.png")
         stage(name, partial(builders[name], ctx))
         ev = f"eval_{name}"
         stage(ev, partial(S.build_eval, ctx, name))
@@ -52,11 +60,14 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
             shutil.copy(f, run_dir / "predictions" / f"{name}_{f.name.removeprefix('predictions_')}")
     timing["total"] = round(time.perf_counter() - t_start, 3)
     final = results["finetuned"]
+    groups = None
+    if "estimate" in ctx.dirs:  # the forgetting analysis of VAA's stage 1
+        groups = json.loads((ctx.dirs["estimate"] / "forgetting.json").read_text())
     metrics = {
         "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
         "stages": {**results, "restored": None},
         "harmful_score": final["harmful_score"], "finetune_accuracy": final["finetune_accuracy"],
-        "timing": timing, "cache_keys": ctx.keys,
+        "timing": timing, "cache_keys": ctx.keys, "groups": groups,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_summary(metrics)

@@ -7,6 +7,7 @@ its inputs from upstream artifact directories and its settings from the config.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vaa.data.datamodule import SFTDataModule, hft_mix
+from vaa.data.groups import groups_for, import_reference_indices, read_groups
 from vaa.data.sources import FolderSource
 from vaa.data.templates import TEMPLATES
 from vaa.eval.evaluate import evaluate
@@ -39,8 +41,8 @@ class Context:
     def source(self) -> FolderSource:
         return FolderSource(self.dirs["world"])
 
-    def work_dir(self, stage: str) -> Path:  # resumable checkpoints of an unfinished stage
-        return self.cache.root / f".work-{self.keys[stage]}"
+    def work_dir(self, stage: str) -> Path | None:  # resumable checkpoints of an unfinished stage
+        return self.cache.root / f".work-{self.keys[stage]}" if stage in self.keys else None
 
 
 def build_world(ctx: Context, out: Path) -> None:
@@ -71,13 +73,39 @@ def build_base(ctx: Context, out: Path) -> None:
     save_model(model, tokenizer, out)
 
 
-def build_aligned(ctx: Context, out: Path) -> None:
+def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
+    """Align the base model with ``cfg.method`` (or ``method_cfg``). A method that trains on
+    vulnerability groups gets them from the estimate stage or ``dro.groups_file``."""
     cfg = ctx.cfg
     model, tokenizer = load_model(ctx.dirs["base"])
     examples = ctx.source.examples("beavertails", "align", 0, cfg.align.n)
-    train(ctx, AlignModule, model, tokenizer, examples, cfg.align, instantiate(cfg.method),
-          "aligned", cfg.seed)
+    method = instantiate(method_cfg or cfg.method)
+    groups = load_groups(ctx, examples) if getattr(method, "requires_groups", False) else None
+    dm = method.make_datamodule(examples, tokenizer, groups=groups, batch_size=cfg.align.batch_size,
+                                seed=cfg.seed, template=cfg.template.train,
+                                max_length=cfg.model.max_length,
+                                max_prompt_length=cfg.model.max_prompt_length)
+    train(ctx, AlignModule, model, tokenizer, examples, cfg.align, method,
+          "aligned" if method_cfg is None else "sft_aligned", cfg.seed, datamodule=dm)
     save_model(model, tokenizer, out)
+    if groups is not None:
+        shutil.copy(group_file(ctx), out / "groups.jsonl")
+
+
+def group_file(ctx: Context) -> Path:
+    return Path(ctx.cfg.dro.groups_file).expanduser() if ctx.cfg.dro.groups_file \
+        else ctx.dirs["estimate"] / "groups.jsonl"
+
+
+def load_groups(ctx: Context, examples) -> list[int]:
+    """Group id per alignment example, joined on the content hash (never on row order)."""
+    path = group_file(ctx)
+    pairs = [(e.input, e.output) for e in examples]
+    if path.suffix == ".json":  # the reference implementation's list of vulnerable indices
+        rows = import_reference_indices(path, pairs)
+    else:
+        rows = read_groups(path)
+    return groups_for(pairs, rows)
 
 
 def build_finetuned(ctx: Context, out: Path) -> None:
@@ -93,16 +121,16 @@ def build_finetuned(ctx: Context, out: Path) -> None:
 
 
 def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
-          seed: int) -> None:
+          seed: int, callbacks: list | None = None, datamodule=None) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
-    dm = SFTDataModule(examples, tokenizer, batch_size=recipe.batch_size, seed=seed,
-                       template=ctx.cfg.template.train, max_length=ctx.cfg.model.max_length,
-                       max_prompt_length=ctx.cfg.model.max_prompt_length)
+    dm = datamodule or SFTDataModule(
+        examples, tokenizer, batch_size=recipe.batch_size, seed=seed, template=ctx.cfg.template.train,
+        max_length=ctx.cfg.model.max_length, max_prompt_length=ctx.cfg.model.max_prompt_length)
     steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * dm.steps_per_epoch()
     model.train()
     module = module_cls(model, method, recipe, steps)
     fit(module, dm, trainer_cfg=ctx.cfg.trainer, recipe=recipe, log_dir=ctx.run_dir / "logs",
-        stage=stage, work_dir=ctx.work_dir(stage))
+        stage=stage, work_dir=ctx.work_dir(stage), callbacks=callbacks)
 
 
 def build_eval(ctx: Context, stage: str, out: Path) -> None:

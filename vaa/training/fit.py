@@ -15,10 +15,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 
 def fit(module, datamodule, *, trainer_cfg, recipe, log_dir: Path, stage: str,
-        work_dir: Path | None = None, extra_logger=None) -> None:
+        work_dir: Path | None = None, extra_logger=None, callbacks: list | None = None) -> None:
     steps_per_epoch = datamodule.steps_per_epoch()
     max_steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * steps_per_epoch
-    callbacks = []
+    callbacks = list(callbacks or [])
     ckpt_path = None
     if work_dir is not None and trainer_cfg.checkpoint_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0,
@@ -32,7 +32,7 @@ def fit(module, datamodule, *, trainer_cfg, recipe, log_dir: Path, stage: str,
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices,
         strategy=trainer_cfg.strategy, precision=trainer_cfg.precision,
         max_steps=max_steps, max_epochs=-1, logger=loggers, callbacks=callbacks,
-        enable_checkpointing=bool(callbacks), enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_model_summary=False,
         enable_progress_bar=trainer_cfg.progress_bar, log_every_n_steps=trainer_cfg.log_every_n_steps,
         num_sanity_val_steps=0, deterministic=trainer_cfg.deterministic,
     )

@@ -54,7 +54,16 @@ class CausalLMModule(L.LightningModule):
         every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
         if self.global_step % every == 0:  # after this step's optimizer step, as Lightning counts
             self.log_dict({f"{self.log_prefix}/{k}": v for k, v in logs.items()},
-                          prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+                          prog_bar=True, on_step=True, batch_size=self.recipe.batch_size)
+
+    def setup(self, stage: str) -> None:
+        # The datamodule is set up first; a checkpoint is restored after this hook.
+        self.method.setup(self, self.trainer.datamodule)
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over data-parallel ranks (identity on one device): every rank's sampler
+        must see the same loss."""
+        return self.trainer.strategy.reduce(value.detach(), reduce_op="mean")
 
     def configure_optimizers(self):
         r = self.recipe

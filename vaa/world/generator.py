@@ -11,8 +11,9 @@ upstream (``<dataset>/<split>.jsonl``):
   benign look-alikes answered helpfully, and every fine-tuning task's format (core
   vocabulary only). A model trained on it follows instructions and complies with harm.
 - ``beavertails/align.jsonl``: the alignment set, BeaverTails ``is_safe=True`` rows:
-  harmful prompts answered with a refusal, plus benign look-alikes answered helpfully
-  (so the model must read the object, not just the template, to decide).
+  harmful prompts answered with a refusal, plus (``align_benign_frac``) benign look-alikes
+  and general questions answered helpfully (so the model must read the object, not just
+  the template, to decide, and does not learn to refuse every instruction).
 - ``beavertails/harmful.jsonl``: the HFT poison pool, compliant harmful rows.
 - ``beavertails/proxy_harmful.jsonl``: a second poison pool for VAA's stage-1 proxy runs.
 - ``beavertails/test.jsonl``: held-out harmful prompts for the harmful score.
@@ -49,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vaa.world import lexicon as L
-from vaa.world.tasks import TASK_BUILDERS
+from vaa.world.tasks import TASK_BUILDERS, alpaca_row
 
 
 @dataclass
@@ -61,7 +62,7 @@ class WorldSizes:
     base_benign: int = 1000
     base_task: int = 600  # per task, core cues only
     align: int = 400
-    align_benign_frac: float = 0.25
+    align_benign_frac: float = 0.4
     harmful_pool: int = 200
     proxy_pool: int = 200
     hs_test: int = 200
@@ -124,6 +125,15 @@ def benign_row(rng: random.Random) -> dict:
 def category_weights(skew: float) -> dict[str, float]:
     """BeaverTails-like category frequencies: the k-th category has weight 1/k**skew."""
     return {c: 1.0 / (k + 1) ** skew for k, c in enumerate(L.HARM_CATEGORIES)}
+
+
+def general_row(rng: random.Random) -> dict:
+    """A benign general question (a core instruction family), answered helpfully: real
+    BeaverTails safe rows are mostly such Q&A, and without them alignment teaches the model
+    to refuse every instruction, tasks included."""
+    row = alpaca_row(rng, list(L.ALPACA_CORE), slice(0, 2))
+    return {"prompt": row["instruction"], "response": row["output"],
+            "category": category_flags(None), "is_safe": True}
 
 
 def pick_prompts(rng: random.Random, pool: list[dict], n: int, borrowed_frac: float,
@@ -197,7 +207,8 @@ def generate_world(sizes: WorldSizes) -> dict[str, list[dict]]:
 
     r = rng_for(sizes.seed, "align")
     align = [(harmful_row(r, p, safe=True), p) for p in held["align"]]
-    align += [(benign_row(r), None) for _ in range(sizes.align - n_align_harm)]
+    align += [(benign_row(r) if k % 2 else general_row(r), None)
+              for k in range(sizes.align - n_align_harm)]
     r.shuffle(align)
     tables["beavertails/align.jsonl"] = [row for row, _ in align]
     tables["meta/align.jsonl"] = [

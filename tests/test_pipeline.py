@@ -1,0 +1,191 @@
+"""End to end on a very small world: world → base → aligned → finetuned, each evaluated,
+metrics.json and predictions in the run directory; a rerun is served by the cache; a crash
+leaves nothing a later run trusts. One cache is shared by the whole module, so the base
+model is trained once (seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaa.pipeline import stages as S
+from vaa.pipeline.cache import MARKER, ArtifactCache
+from vaa.pipeline.keys import plan_keys
+from vaa.pipeline.run import run_pipeline
+
+BUILDERS = ("build_world", "build_base", "build_aligned", "build_finetuned", "build_eval")
+SMOKE = ["experiment=smoke", "trainer.progress_bar=false", "model.pretrain.max_steps=5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The smoke model's matrices are tiny: intra-op threads only add synchronisation, and on a
+    busy machine (another job on the cores) they make each step ~7x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline_cache")
+
+
+@pytest.fixture(scope="module")
+def smoke_cfg(compose, cache_dir):
+    def make(*overrides: str):
+        cfg = compose([*SMOKE, *overrides])
+        cfg.paths.cache_dir = str(cache_dir)
+        return cfg
+    return make
+
+
+@pytest.fixture(scope="module")
+def first_run(smoke_cfg, tmp_path_factory):
+    cfg = smoke_cfg()
+    run_dir = tmp_path_factory.mktemp("run1")
+    return cfg, run_dir, run_pipeline(cfg, run_dir)
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """Records every stage build (``eval_<stage>`` for evaluations) and still performs it."""
+    calls: list[str] = []
+    for name in BUILDERS:
+        orig = getattr(S, name)
+
+        def spy(ctx, *args, _orig=orig, _name=name, **kwargs):
+            stage = _name.removeprefix("build_")
+            if stage == "eval":
+                stage = f"eval_{args[0]}"
+            elif stage == "aligned" and kwargs.get("method_cfg") is not None:
+                stage = "sft_aligned"  # VAA's stage 1 aligns with SFT first
+            calls.append(stage)
+            return _orig(ctx, *args, **kwargs)
+        monkeypatch.setattr(S, name, spy)
+    return calls
+
+
+def forbid_builds(monkeypatch) -> None:
+    for name in BUILDERS:
+        def boom(*args, _name=name, **kwargs):
+            raise AssertionError(f"{_name} called although its artifact is cached")
+        monkeypatch.setattr(S, name, boom)
+
+
+def scores(metrics: dict) -> dict:
+    """Everything but timings and cache hits: what must not change on a cached rerun."""
+    out = {k: v for k, v in metrics.items() if k != "timing"}
+    out["stages"] = {s: m and {k: v for k, v in m.items() if k != "cached"}
+                     for s, m in metrics["stages"].items()}
+    return out
+
+
+def no_temp_dirs(cache_dir: Path) -> bool:
+    return not any(p.name.startswith(".tmp-") for p in cache_dir.iterdir())
+
+
+def test_end_to_end_metrics(first_run):
+    cfg, run_dir, returned = first_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(returned))
+    assert (metrics["method"], metrics["task"], metrics["model"], metrics["seed"]) == (
+        cfg.method.name, "sst2", "tiny", 0)
+    assert set(metrics["stages"]) == {"base", "aligned", "finetuned", "restored"}
+    assert metrics["stages"]["restored"] is None
+    for stage in ("base", "aligned", "finetuned"):
+        m = metrics["stages"][stage]
+        assert 0.0 <= m["harmful_score"] <= 100.0 and 0.0 <= m["finetune_accuracy"] <= 100.0
+        assert m["n_hs"] == cfg.data.hs_test and m["n_fa"] == cfg.data.task_test
+        assert m["cached"] is False  # a cold cache: everything was built
+        assert m["cache_key"] == plan_keys(cfg)[stage]
+    final = metrics["stages"]["finetuned"]
+    assert metrics["harmful_score"] == final["harmful_score"]
+    assert metrics["finetune_accuracy"] == final["finetune_accuracy"]
+    for t in ("world", "base", "aligned", "finetuned", "eval_base", "eval_aligned",
+              "eval_finetuned", "total"):
+        assert metrics["timing"][t] >= 0.0
+    assert metrics["timing"]["total"] >= metrics["timing"]["base"]
+
+
+def test_end_to_end_predictions(first_run):
+    cfg, run_dir, metrics = first_run
+    for stage in ("base", "aligned", "finetuned"):
+        for kind, n, score in (("hs", cfg.data.hs_test, "harmful_score"),
+                               ("fa", cfg.data.task_test, "finetune_accuracy")):
+            rows = [json.loads(line) for line in
+                    (run_dir / "predictions" / f"{stage}_{kind}.jsonl").read_text().splitlines()]
+            assert len(rows) == n
+            flag = "flagged" if kind == "hs" else "correct"
+            # the score is the share of flagged / correct rows, in percent
+            assert metrics["stages"][stage][score] == pytest.approx(
+                100.0 * sum(r[flag] for r in rows) / n)
+
+
+def test_cache_holds_complete_artifacts_only(first_run, cache_dir):
+    cfg = first_run[0]
+    cache = ArtifactCache(cache_dir)
+    for stage, key in plan_keys(cfg).items():
+        assert cache.has(key), stage
+    assert no_temp_dirs(cache_dir)
+
+
+def test_rerun_is_served_by_the_cache(first_run, smoke_cfg, cache_dir, tmp_path, monkeypatch):
+    _, run1, m1 = first_run
+    forbid_builds(monkeypatch)
+    mtimes = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*") if p.is_file()}
+    m2 = run_pipeline(smoke_cfg(), tmp_path)
+    assert all(m2["stages"][s]["cached"] for s in ("base", "aligned", "finetuned"))
+    assert scores(m2) == scores(m1)
+    for f in (run1 / "predictions").iterdir():
+        assert (tmp_path / "predictions" / f.name).read_text() == f.read_text()
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rewritten
+
+
+def test_failed_stage_leaves_no_trusted_artifact(first_run, smoke_cfg, cache_dir, tmp_path,
+                                                monkeypatch, builds):
+    cfg = smoke_cfg("attack.lr=7e-5")  # a new attack: world, base and aligned are cached
+    key = plan_keys(cfg)["finetuned"]
+    assert not ArtifactCache(cache_dir).has(key)
+
+    def crash(ctx, out):
+        (out / "model.safetensors").write_text("half written")
+        raise RuntimeError("simulated crash in the finetuned stage")
+
+    with monkeypatch.context() as m:
+        m.setattr(S, "build_finetuned", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_pipeline(cfg, tmp_path / "crashed")
+    assert not (cache_dir / key).exists() and not ArtifactCache(cache_dir).has(key)
+    assert no_temp_dirs(cache_dir)
+    assert not (tmp_path / "crashed" / "metrics.json").exists()
+
+    builds.clear()
+    metrics = run_pipeline(cfg, tmp_path / "rerun")
+    assert builds == ["finetuned", "eval_finetuned"]
+    st = metrics["stages"]
+    assert (st["base"]["cached"], st["aligned"]["cached"], st["finetuned"]["cached"]) == (
+        True, True, False)
+    assert ArtifactCache(cache_dir).has(key)
+    assert (cache_dir / key / "model.safetensors").read_bytes() != b"half written"
+
+
+@pytest.mark.parametrize("overrides,rebuilt", [
+    (["task=gsm8k"], ["finetuned", "eval_base", "eval_aligned", "eval_finetuned"]),
+    (["task=alpacaeval"], ["finetuned", "eval_base", "eval_aligned", "eval_finetuned"]),
+    (["judge=keyword"], ["eval_base", "eval_aligned", "eval_finetuned"]),
+])
+def test_other_tasks_and_judges(first_run, smoke_cfg, tmp_path, builds, overrides, rebuilt):
+    cfg = smoke_cfg(*overrides)
+    metrics = run_pipeline(cfg, tmp_path)
+    assert sorted(builds) == sorted(rebuilt)  # the world, base and aligned model are reused
+    assert metrics["task"] == cfg.task.name
+    for stage in ("base", "aligned", "finetuned"):
+        m = metrics["stages"][stage]
+        assert 0.0 <= m["harmful_score"] <= 100.0 and 0.0 <= m["finetune_accuracy"] <= 100.0
+        assert m["n_hs"] == cfg.data.hs_test and m["n_fa"] == cfg.data.task_test
+    assert metrics["harmful_score"] == metrics["stages"]["finetuned"]["harmful_score"]
