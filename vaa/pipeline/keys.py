@@ -35,13 +35,14 @@ def world_code_digest() -> str:
 
 def task_train_subtree(cfg: DictConfig) -> dict:
     t = cfg.task
-    return {"dataset": t.dataset, "format": t.format, "train": OmegaConf.to_container(t.train)}
+    return {"dataset": t.dataset, "format": t.format,
+            "train": OmegaConf.to_container(t.train, resolve=True)}
 
 
 def task_eval_subtree(cfg: DictConfig) -> dict:
     t = cfg.task
-    return {"dataset": t.dataset, "format": t.format, "test": OmegaConf.to_container(t.test),
-            "scorer": t.scorer, "scorer_args": OmegaConf.to_container(t.scorer_args),
+    return {"dataset": t.dataset, "format": t.format, "test": OmegaConf.to_container(t.test, resolve=True),
+            "scorer": t.scorer, "scorer_args": OmegaConf.to_container(t.scorer_args, resolve=True),
             "max_new_tokens": t.max_new_tokens}
 
 

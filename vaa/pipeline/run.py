@@ -86,4 +86,9 @@ def print_summary(metrics: dict) -> None:
         table.add_row(name, f"{m['harmful_score']:.1f}", f"{m['finetune_accuracy']:.1f}",
                       f"{t:.1f}", "hit" if m["cached"] else "built")
     Console().print(table)
-    print(f"total {metrics['timing']['total']:.1f}s")
+    other = {k: v for k, v in metrics["timing"].items()
+             if k in ("world", "sft_aligned", "estimate")}
+    extra = f" (of which {', '.join(f'{k} {v:.1f}s' for k, v in other.items())})" if other else ""
+    if metrics.get("groups"):
+        extra += f"; vulnerable share {metrics['groups']['vulnerable_share']:.1f}%"
+    print(f"total {metrics['timing']['total']:.1f}s{extra}")
