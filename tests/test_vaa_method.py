@@ -130,3 +130,20 @@ def test_missing_groups_is_a_clear_error(setup):
     with pytest.raises(ValueError, match="dro.groups_file"):
         VAA(dro=OmegaConf.structured(DROConfig)).make_datamodule(examples, tok, groups=None,
                                                                   batch_size=2, seed=0)
+
+
+def test_loss_reweighting_gdro_step(setup):
+    from vaa.methods.gdro import GroupDRO
+
+    examples, tok, model, groups = setup
+    dro = OmegaConf.merge(OmegaConf.structured(DROConfig), {"sampler": {"eta": 0.5}})
+    method = GroupDRO(dro=dro, seed=0)
+    dm = method.make_datamodule(examples, tok, groups=groups, batch_size=8, seed=0,
+                                template="compact", max_length=128)
+    module = AlignModule(copy.deepcopy(model), method, OmegaConf.structured(AlignConfig(lr=1e-3, batch_size=8)), 3)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer(3).fit(module, datamodule=dm)
+    assert any(not torch.equal(a, p) for a, p in zip(before, module.model.parameters()))
+    q = method.reweighter.probs
+    assert q != [0.5, 0.5] and abs(sum(q) - 1) < 1e-9  # q moved, stays on the simplex
+    assert method.state_dict()["reweighter"]["num_updates"] == 3

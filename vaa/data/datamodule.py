@@ -17,19 +17,25 @@ class SFTDataModule(L.LightningDataModule):
     """Shuffled (seeded) batches of one example list. Rows are tokenised once, in setup."""
 
     def __init__(self, examples: Sequence[Example], tokenizer, *, batch_size: int, seed: int,
-                 template: str = "alpaca", max_length: int = 256, max_prompt_length: int = 512):
+                 template: str = "alpaca", max_length: int = 256, max_prompt_length: int = 512,
+                 groups: Sequence[int] | None = None):
         super().__init__()
         if not examples:
             raise ValueError("no training examples: check the data and task configs")
         self.examples, self.tokenizer = list(examples), tokenizer
         self.batch_size, self.seed, self.template = batch_size, seed, template
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        if groups is not None and len(groups) != len(self.examples):
+            raise ValueError(f"{len(groups)} group ids for {len(self.examples)} examples")
+        self.groups = groups  # optional group id per example, passed through as batch["group"]
         self.rows: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows is None:
             self.rows = [encode_train(self.tokenizer, ex, self.template, self.max_length,
                                       self.max_prompt_length) for ex in self.examples]
+            for row, g in zip(self.rows, self.groups or ()):
+                row["group"] = int(g)
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.examples) / self.batch_size)

@@ -55,7 +55,10 @@ class TrainCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "group" in rows[0]:  # group-labelled rows (loss-reweighting Group DRO)
+            batch["group"] = torch.tensor([r["group"] for r in rows], dtype=torch.long)
+        return batch
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
