@@ -38,6 +38,7 @@ def _positive(record: dict, keys: list[str]) -> None:
                        "hidden_size", "layers"]),
     ("generation", ["speedup", "batched_prompts_per_s", "single_prompts_per_s",
                     "identical_fraction", "n_prompts"]),
+    ("step_cost", ["steps", "batch_size", "hidden_size", "layers", "peak_rss_mb"]),
 ])
 def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
     import torch
@@ -55,3 +56,18 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
         assert record["max_weight_diff"] <= 1e-6
     if name == "generation":  # greedy: batching must not change the text
         assert record["identical_fraction"] == 1.0
+    if name == "step_cost":  # every registered method (conf/method/*.yaml), relative to SFT
+        methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+        for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms", "extra_state_mb"):
+            assert sorted(record[key]) == methods, key
+        for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms"):
+            _positive(record[key], methods)
+        assert record["ratio_vs_sft"]["sft"] == 1.0
+        assert record["passes"]["sft"] == 1 and record["extra_state_mb"]["sft"] == 0
+        assert all(record["realised_passes"][m] >= 1 for m in methods)
+        if "vaa" in methods:  # bernoulli mixing: one or two passes a step; SAM restore buffers
+            assert 1 <= record["realised_passes"]["vaa"] <= 2
+            if record["realised_passes"]["vaa"] > 1:  # a perturbed step allocated them
+                assert record["extra_state_mb"]["vaa"] > 0
+            assert isinstance(record["vaa_within_target"], bool)
+            assert record["vaa_target"] == pytest.approx(1.05 * (1 + record["mean_lambda"]["vaa"]))

@@ -1,0 +1,350 @@
+"""Step cost of every registered alignment method relative to SFT, on the same model and batch
+size, plus its memory.
+
+Registered methods: every YAML in ``conf/method/`` (``--methods`` narrows the list; SFT, the
+reference, always runs). Each is built exactly as the pipeline's align stage builds it: the
+Hydra config composed with ``method=<name>``, ``instantiate(cfg.method)``,
+``method.make_datamodule(...)`` (groups, a fixed random ~37 % vulnerable split, for methods
+with ``requires_groups``), ``AlignModule(model, method, recipe, total_steps)`` under a Lightning
+Trainer (no logger, no progress bar, no checkpointing). Every run starts from the same initial
+weights (one model, deep-copied per run) and gets a fresh method object.
+
+One run is ``--warmup`` untimed steps, then ``--steps`` timed ones, ``total_steps`` = their
+sum, so VAA's linear λ goes from 0 to 1 over the run (mean over the timed steps ≈ 0.5). A
+callback stamps ``perf_counter`` at the start of every timed step and at the end of the last
+one (CUDA: synchronised first): a step is everything from one step's start to the next, so
+data fetching and collation count alike whether the loader (SFT) or the method (VAA draws its
+group batch inside the step) does it. Per run the mean step (VAA's steps are bimodal, one or
+two passes: a median step would pick one mode), across the ``--reps`` interleaved repetitions
+(for rep: for method: run) the median: ``step_ms``; ``ratio_vs_sft`` = that ÷ SFT's.
+``run_ratios``: per repetition, the method's mean step ÷ SFT's in the same repetition.
+
+Passes: ``passes`` is the method's declared ``passes_per_step`` (expected forward/backward
+passes per step; VAA: 1 + mean λ under bernoulli mixing); ``realised_passes`` is
+``method.stats["passes"] / method.stats["steps"]`` over the timed steps where the method keeps
+stats, else the counted decoder forwards per step (``forwards_per_step``, a hook on the
+decoder, reported for every method). ``perturbed_fraction`` and ``mean_lambda`` (the λ_t the
+step used, averaged over the timed steps) for methods that have them. Target for VAA:
+``vaa_target`` = 1.05 × (1 + mean λ), ``vaa_within_target`` = ratio_vs_sft["vaa"] ≤ it.
+
+Memory: ``extra_state_mb`` = bytes of the tensors a method keeps between steps (e.g. VAA's SAM
+restore buffers, ``perturber.buffer_numel`` × element size; 0 for SFT), excluding the model's
+own parameters and the data. On CUDA also ``peak_mem_mb`` = ``torch.cuda.max_memory_allocated``
+per run (reset before each; median over reps). On a CPU ``peak_rss_mb`` is the process's peak
+resident set (``getrusage``), a coarse figure for the whole benchmark.
+
+    python -m benchmarks.step_cost --threads 1   # hidden 256, 4 layers, batch 8, 40 steps, 3 reps
+    python -m benchmarks.step_cost --quick       # smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (base_parser, emit, interleaved, make_world, median, runtime,
+                               tiny_model, world_tokenizer)
+
+NAME = "step_cost"
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+VULNERABLE_FRACTION = 0.37
+TARGET_SLACK = 1.05  # VAA: step time within 5 % of (1 + mean λ) × SFT's
+
+
+def registered_methods(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Every method config (``conf/method/*.yaml``), SFT first."""
+    names = sorted(p.stem for p in (conf_dir / "method").glob("*.yaml"))
+    return sorted(names, key=lambda n: n != "sft")
+
+
+def compose_method_configs(names: list[str]) -> dict[str, Any]:
+    """The run config ``vaa method=<name>`` would see, one per method (as the pipeline)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vaa.config.schema import register
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return {n: compose("config", overrides=[f"method={n}"]) for n in names}
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def fixed_groups(n: int, seed: int) -> list[int]:
+    """A fixed random vulnerable (1) / invulnerable (0) split, ~37 % vulnerable."""
+    rng = random.Random(f"step-cost-groups-{seed}")
+    return [int(rng.random() < VULNERABLE_FRACTION) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------
+def _skip(obj) -> bool:
+    """Objects that are not a method's own state: the model, the data, configs, RNGs."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from vaa.data.group_stream import GroupStream
+
+    return isinstance(obj, (torch.nn.Module, L.LightningDataModule, L.LightningModule, DataLoader,
+                            GroupStream, str, bytes, int, float, bool, type(None)))
+
+
+def persistent_state_bytes(method, model: torch.nn.Module) -> int:
+    """Bytes of the tensors reachable from ``method`` (through lists, dicts and the project's
+    own objects, e.g. VAA's ``perturber.buffers``), each storage once, not counting the
+    model's parameters or gradients, nor the training data."""
+    exclude = {p.data_ptr() for p in model.parameters()}
+    exclude |= {p.grad.data_ptr() for p in model.parameters() if p.grad is not None}
+    seen_ptrs: set[int] = set()
+    seen_ids: set[int] = set()
+    total = 0
+
+    def walk(obj, depth: int) -> None:
+        nonlocal total
+        if depth > 5 or id(obj) in seen_ids or _skip(obj):
+            return
+        seen_ids.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            ptr = obj.data_ptr()
+            if ptr and ptr not in exclude and ptr not in seen_ptrs:
+                seen_ptrs.add(ptr)
+                total += obj.numel() * obj.element_size()
+            return
+        if isinstance(obj, dict):
+            items = list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            items = list(obj)
+        elif type(obj).__module__.startswith(("vaa.", "benchmarks.")) and hasattr(obj, "__dict__"):
+            items = list(vars(obj).values())
+        else:
+            return
+        for x in items:
+            walk(x, depth + 1)
+
+    walk(method, 0)
+    return total
+
+
+def peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes / KiB
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------------
+def _stats(method) -> dict:
+    stats = getattr(method, "stats", None)
+    return dict(stats) if isinstance(stats, dict) else {}
+
+
+def _lambda_of(method, module) -> float | None:
+    """λ_t the method's step uses now (VAA's curriculum), None for a method without one."""
+    dro = getattr(method, "dro", None)
+    if dro is None or "perturbed" not in _stats(method):
+        return None
+    from vaa.methods.vaa import lambda_at
+    return lambda_at(module.global_step, module.total_steps, dro.lambda_max, dro.lambda_schedule)
+
+
+def _clock(warmup: int, steps: int, cuda: bool):
+    from lightning.pytorch.callbacks import Callback
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class Clock(Callback):
+        """Stamps the start of each timed step and the end of the last; counts decoder
+        forwards and their tokens, and snapshots the method's stats, over the timed steps."""
+
+        def __init__(self):
+            self.n = 0  # steps started (not global_step: robust to any optimizer use)
+            self.stamps: list[float] = []
+            self.lambdas: list[float] = []
+            self.forwards = self.tokens = 0
+            self.counts = {}
+            self.stats0 = self.stats1 = {}
+
+        def count(self, _module, args, kwargs):
+            self.forwards += 1
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                self.tokens += ids.numel()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            i, self.n = self.n, self.n + 1
+            if i == warmup:
+                self.stats0 = _stats(pl_module.method)
+                self.counts = {"forwards": self.forwards, "tokens": self.tokens}
+            if warmup <= i < warmup + steps:
+                lam = _lambda_of(pl_module.method, pl_module)
+                if lam is not None:
+                    self.lambdas.append(lam)
+                self.stamps.append(now())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.n == warmup + steps:
+                self.stamps.append(now())
+                self.stats1 = _stats(pl_module.method)
+                self.counts = {k: getattr(self, k) - v for k, v in self.counts.items()}
+
+    return Clock()
+
+
+def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, warmup: int,
+               steps: int, seed: int, device: str, root: Path) -> dict:
+    """One training run of ``name`` from ``model0``'s weights; the timed steps' figures."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from vaa.config.schema import AlignConfig
+    from vaa.training.module import AlignModule
+
+    total = warmup + steps
+    cuda = device == "cuda"
+    method = instantiate(cfg.method)
+    groups = fixed_groups(len(examples), seed) if getattr(method, "requires_groups", False) else None
+    dm = method.make_datamodule(examples, tokenizer, groups=groups, batch_size=batch_size, seed=seed,
+                                template="compact", max_length=256, max_prompt_length=512)
+    recipe = OmegaConf.structured(AlignConfig(lr=1e-4, batch_size=batch_size))
+    model = copy.deepcopy(model0)
+    model.train()
+    module = AlignModule(model, method, recipe, total)
+    clock = _clock(warmup, steps, cuda)
+    hook = model.get_decoder().register_forward_pre_hook(clock.count, with_kwargs=True)
+    trainer = L.Trainer(accelerator=device, devices=1, max_steps=total, max_epochs=-1,
+                        logger=False, callbacks=[clock], enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, default_root_dir=str(root))
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the report line
+            trainer.fit(module, datamodule=dm)
+    finally:
+        hook.remove()
+    if len(clock.stamps) != steps + 1:
+        raise RuntimeError(f"method={name}: the run stopped early "
+                           f"({clock.n} of {total} steps started)")
+    durations = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    out = {"step_s": sum(durations) / len(durations),
+           "forwards_per_step": clock.counts["forwards"] / steps,
+           "tokens_per_pass": clock.counts["tokens"] / max(1, clock.counts["forwards"]),
+           "extra_state_bytes": persistent_state_bytes(method, model),
+           "declared_passes": float(getattr(method, "passes_per_step", 1))}
+    s0, s1 = clock.stats0, clock.stats1
+    d_steps = s1.get("steps", 0) - s0.get("steps", 0)
+    if d_steps > 0 and "passes" in s1:
+        out["realised_passes"] = (s1["passes"] - s0.get("passes", 0)) / d_steps
+    if d_steps > 0 and "perturbed" in s1:
+        out["perturbed_fraction"] = (s1["perturbed"] - s0.get("perturbed", 0)) / d_steps
+    if clock.lambdas:
+        out["mean_lambda"] = sum(clock.lambdas) / len(clock.lambdas)
+    if cuda:
+        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    del trainer, module, model, method, dm
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 256)")
+    p.add_argument("--layers", type=int, default=None, help="layers (default 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 40)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of conf/method (default: all; sft always runs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available")
+    a = p.parse_args(argv)
+    with runtime(a.threads or (1 if a.quick else None)):
+        return run(a)
+
+
+def run(a) -> dict:
+    q = a.quick
+    hidden = a.hidden or (32 if q else 256)
+    layers = a.layers or (1 if q else 4)
+    batch_size = a.batch_size or (4 if q else 8)
+    steps = a.steps or (4 if q else 40)
+    warmup = a.warmup if a.warmup is not None else (1 if q else 5)
+    reps = a.reps or (1 if q else 3)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    methods = registered_methods()
+    if a.methods:
+        wanted = [m.strip() for m in a.methods.split(",") if m.strip()]
+        unknown = sorted(set(wanted) - set(methods))
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; registered: {methods}")
+        methods = [m for m in methods if m == "sft" or m in wanted]
+    if "sft" not in methods:
+        raise SystemExit("conf/method/sft.yaml is missing: SFT is the reference of step_cost")
+
+    t0 = time.perf_counter()
+    cfgs = compose_method_configs(methods)
+    with tempfile.TemporaryDirectory(prefix="vaa-bench-") as tmp:
+        root = Path(tmp)
+        source = make_world(root / "world")
+        tokenizer = world_tokenizer(source)
+        examples = source.examples("beavertails", "align")
+        model0 = tiny_model(tokenizer, hidden, layers, seed=a.seed)
+        kw = dict(batch_size=batch_size, warmup=warmup, steps=steps, seed=a.seed, device=device,
+                  root=root)
+        res = interleaved({m: (lambda m=m: run_method(m, cfgs[m], model0, examples, tokenizer, **kw))
+                           for m in methods}, reps)
+
+    step_s = {m: median([r["step_s"] for r in res[m]]) for m in methods}
+    last = {m: res[m][-1] for m in methods}  # deterministic per run (seeded): any rep will do
+    figures: dict[str, Any] = {
+        "ratio_vs_sft": {m: step_s[m] / step_s["sft"] for m in methods},
+        "passes": {m: last[m]["declared_passes"] for m in methods},
+        "realised_passes": {m: last[m].get("realised_passes", last[m]["forwards_per_step"])
+                            for m in methods},
+        "step_ms": {m: 1e3 * step_s[m] for m in methods},
+        "run_ratios": {m: [r["step_s"] / s["step_s"] for r, s in zip(res[m], res["sft"])]
+                       for m in methods},
+        "forwards_per_step": {m: last[m]["forwards_per_step"] for m in methods},
+        "tokens_per_pass": {m: last[m]["tokens_per_pass"] for m in methods},
+        "perturbed_fraction": {m: last[m]["perturbed_fraction"] for m in methods
+                               if "perturbed_fraction" in last[m]},
+        "mean_lambda": {m: last[m]["mean_lambda"] for m in methods if "mean_lambda" in last[m]},
+        "extra_state_mb": {m: last[m]["extra_state_bytes"] / (1 << 20) for m in methods},
+    }
+    if device == "cuda":
+        figures["peak_mem_mb"] = {m: median([r["peak_mem_bytes"] for r in res[m]]) / (1 << 20)
+                                  for m in methods}
+    figures["peak_rss_mb"] = peak_rss_mb()
+    if "vaa" in methods and "mean_lambda" in last["vaa"]:
+        target = TARGET_SLACK * (1 + last["vaa"]["mean_lambda"])
+        figures["vaa_target"] = target
+        figures["vaa_within_target"] = bool(figures["ratio_vs_sft"]["vaa"] <= target)
+    figures.update(methods=methods, device=device, steps=steps, warmup=warmup, reps=reps,
+                   batch_size=batch_size, hidden_size=hidden, layers=layers,
+                   wall_s=time.perf_counter() - t0)
+    return emit(NAME, **figures)
+
+
+if __name__ == "__main__":
+    main()
