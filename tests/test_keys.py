@@ -57,7 +57,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def default_keys(compose):
-    return plan_keys(compose([]))
+    return plan_keys(compose(["method=sft"]))
 
 
 def changed(a: dict, b: dict) -> set[str]:
@@ -66,18 +66,21 @@ def changed(a: dict, b: dict) -> set[str]:
 
 @pytest.mark.parametrize("overrides,expected", CASES, ids=[" ".join(o) for o, _ in CASES])
 def test_change_invalidates_exactly_downstream(compose, default_keys, overrides, expected):
-    keys = plan_keys(compose(overrides))
+    keys = plan_keys(compose(["method=sft", *overrides]))
     assert changed(default_keys, keys) == expected
 
 
-@pytest.mark.parametrize("base", [[], ["experiment=smoke"], ["experiment=smoke", "task=alpacaeval"]])
+@pytest.mark.parametrize("base", [["method=sft"], ["experiment=smoke", "method=sft"],
+                                  ["experiment=smoke", "task=alpacaeval", "method=sft"], []])
 def test_keys_are_deterministic(compose, base):
     a, b = plan_keys(compose(base)), plan_keys(compose(base))
     assert a == b
-    assert set(a) == ALL
+    # the default (method=vaa) adds stage 1: the SFT model it starts from and the estimate
+    assert set(a) == ALL | ({"sft_aligned", "estimate"} if not base else set())
     assert len(set(a.values())) == len(a)  # the three evaluations are distinct artifacts
     for stage, key in a.items():
-        assert key.startswith(("eval-" if stage.startswith("eval_") else f"{stage}-"))
+        prefix = "eval-" if stage.startswith("eval_") else "aligned-" if stage == "sft_aligned" else f"{stage}-"
+        assert key.startswith(prefix)
 
 
 def test_pinned_seed_shares_world_and_base_across_replicates(compose):
@@ -99,8 +102,8 @@ def test_smoke_world_is_its_own(compose):
 
 
 def test_judge_settings_change_only_evaluations(compose):
-    a = plan_keys(compose(["judge=keyword"]))
-    b = plan_keys(compose(["judge=keyword", "judge.build.keywords=B"]))
+    a = plan_keys(compose(["method=sft", "judge=keyword"]))
+    b = plan_keys(compose(["method=sft", "judge=keyword", "judge.build.keywords=B"]))
     assert changed(a, b) == EVALS
 
 

@@ -17,7 +17,7 @@ from vaa.pipeline.keys import plan_keys
 from vaa.pipeline.run import run_pipeline
 
 BUILDERS = ("build_world", "build_base", "build_aligned", "build_finetuned", "build_eval")
-SMOKE = ["experiment=smoke", "trainer.progress_bar=false", "model.pretrain.max_steps=5"]
+SMOKE = ["experiment=smoke", "method=sft", "trainer.progress_bar=false", "model.pretrain.max_steps=5"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,3 +189,20 @@ def test_other_tasks_and_judges(first_run, smoke_cfg, tmp_path, builds, override
         assert 0.0 <= m["harmful_score"] <= 100.0 and 0.0 <= m["finetune_accuracy"] <= 100.0
         assert m["n_hs"] == cfg.data.hs_test and m["n_fa"] == cfg.data.task_test
     assert metrics["harmful_score"] == metrics["stages"]["finetuned"]["harmful_score"]
+
+
+def test_vaa_pipeline_estimates_groups_then_aligns(first_run, smoke_cfg, tmp_path, builds):
+    """method=vaa: the SFT-aligned model is the one method=sft built (reused), stage 1 writes
+    the groups file and the forgetting analysis, and VAA aligns with them."""
+    cfg = smoke_cfg("method=vaa")
+    metrics = run_pipeline(cfg, tmp_path)
+    assert "sft_aligned" not in builds  # the SFT run's aligned model, from the cache
+    assert {"aligned", "finetuned"} <= set(builds)
+    assert metrics["cache_keys"]["sft_aligned"] == first_run[2]["cache_keys"]["aligned"]
+    rows = [json.loads(line) for line in (tmp_path / "groups.jsonl").read_text().splitlines()]
+    assert len(rows) == cfg.data.align and {r["group"] for r in rows} <= {0, 1}
+    assert all(len(r["uid"]) == 40 and r["meta"]["definition"] == "first_vs_t0" for r in rows)
+    assert (tmp_path / "forgetting.png").stat().st_size > 0
+    share = 100.0 * sum(r["group"] for r in rows) / len(rows)
+    assert metrics["groups"]["vulnerable_share"] == pytest.approx(share)
+    assert metrics["method"] == "vaa" and metrics["stages"]["aligned"]["cached"] is False

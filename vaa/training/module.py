@@ -62,8 +62,9 @@ class CausalLMModule(L.LightningModule):
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over data-parallel ranks (identity on one device): every rank's sampler
-        must see the same loss."""
-        return self.trainer.strategy.reduce(value.detach(), reduce_op="mean")
+        must see the same loss. ``value`` is left unchanged (the DDP all-reduce works in place,
+        and callers log the tensor they pass)."""
+        return self.trainer.strategy.reduce(value.detach().clone(), reduce_op="mean")
 
     def configure_optimizers(self):
         r = self.recipe
