@@ -20,3 +20,5 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    # VAA's loader yields step placeholders from a sized IterableDataset, on purpose
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")

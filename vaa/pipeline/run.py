@@ -20,7 +20,6 @@ from vaa.pipeline.keys import SFT_METHOD, plan_keys
 from vaa.utils import quiet_libraries
 
 log = logging.getLogger(__name__)
-TRAINED = ("base", "aligned", "finetuned")  # models, each evaluated
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -41,23 +40,21 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("%s: %s (%s, %.1fs)", name, path, "built" if built else "cached", timing[name])
 
     t_start = time.perf_counter()
-    stage("world", partial(S.build_world, ctx))
-    builders = {"base": S.build_base, "aligned": S.build_aligned, "finetuned": S.build_finetuned}
+    # (stage, builder, evaluated?) in order; VAA's stage 1 runs when the method needs groups.
+    plan = [("world", partial(S.build_world, ctx), False), ("base", partial(S.build_base, ctx), True)]
+    if "estimate" in ctx.keys:
+        plan += [("sft_aligned", partial(S.build_aligned, ctx, method_cfg=SFT_METHOD), False),
+                 ("estimate", partial(build_estimate, ctx), False)]
+    plan += [("aligned", partial(S.build_aligned, ctx), True),
+             ("finetuned", partial(S.build_finetuned, ctx), True)]
     results: dict[str, dict] = {}
-    for name in TRAINED:
-        if name == "aligned" and "estimate" in ctx.keys:  # VAA stage 1 first
-            stage("sft_aligned", partial(S.build_aligned, ctx, method_cfg=SFT_METHOD))
-            stage("estimate", partial(build_estimate, ctx))
-            shutil.copy(ctx.dirs["estimate"] / "groups.jsonl", run_dir / "groups.jsonl")
-            shutil.copy(ctx.dirs["estimate"] / "forgetting.png", run_dir / "forgetting.png")
-        stage(name, partial(builders[name], ctx))
-        ev = f"eval_{name}"
-        stage(ev, partial(S.build_eval, ctx, name))
-        results[name] = json.loads((ctx.dirs[ev] / "metrics.json").read_text())
-        results[name].update(cache_key=ctx.keys[name], cached=cached[name])
-        for f in ctx.dirs[ev].glob("predictions_*.jsonl"):
-            (run_dir / "predictions").mkdir(exist_ok=True)
-            shutil.copy(f, run_dir / "predictions" / f"{name}_{f.name.removeprefix('predictions_')}")
+    for name, build, evaluated in plan:
+        stage(name, build)
+        if evaluated:
+            results[name] = evaluate_stage(ctx, name, stage, cached[name])
+    for f in ("groups.jsonl", "forgetting.png"):  # stage 1's outputs, beside metrics.json
+        if "estimate" in ctx.dirs:
+            shutil.copy(ctx.dirs["estimate"] / f, run_dir / f)
     timing["total"] = round(time.perf_counter() - t_start, 3)
     final = results["finetuned"]
     groups = None
@@ -72,6 +69,19 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_summary(metrics)
     return metrics
+
+
+def evaluate_stage(ctx, name: str, stage, cached: bool) -> dict:
+    """Evaluate the model of stage ``name`` (cached like any stage) and copy its predictions
+    into the run directory."""
+    ev = f"eval_{name}"
+    stage(ev, partial(S.build_eval, ctx, name))
+    result = json.loads((ctx.dirs[ev] / "metrics.json").read_text())
+    result.update(cache_key=ctx.keys[name], cached=cached)
+    (ctx.run_dir / "predictions").mkdir(exist_ok=True)
+    for f in ctx.dirs[ev].glob("predictions_*.jsonl"):
+        shutil.copy(f, ctx.run_dir / "predictions" / f"{name}_{f.name.removeprefix('predictions_')}")
+    return result
 
 
 def print_summary(metrics: dict) -> None:
