@@ -1,4 +1,5 @@
-"""Vulnerability groups (vaa.data.groups) and group-aware batches (vaa.data.group_stream)."""
+"""Vulnerability groups (vaa.data.groups), the groups file (vaa.data.groups_file) and
+group-aware batches (vaa.data.group_stream)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from vaa.data.encode import TrainCollator
 from vaa.data.formats import Example
 from vaa.data.group_stream import GroupDataModule, GroupStream
-from vaa.data.groups import (assign_groups, example_uid, forgot_num, group_counts, groups_for,
-                             import_reference_indices, read_groups, write_groups)
+from vaa.data.groups import assign_groups, example_uid, forgot_num, group_counts
+from vaa.data.groups_file import groups_for, import_reference_indices, read_groups, write_groups
 from vaa.models.tokenizer import build_word_tokenizer
 
 # ---------------------------------------------------------------------------- helpers
@@ -217,7 +218,7 @@ def test_reference_import_counts_and_checksum(tmp_path):
     random.Random(4).shuffle(shuffled)
     assert import_reference_indices(shuffled, ex)[0]["meta"]["checksum"] == want
     # round trip through groups.jsonl
-    from vaa.data.groups import write_rows
+    from vaa.data.groups_file import write_rows
     write_rows(tmp_path / "g.jsonl", rows)
     assert groups_for(ex, read_groups(tmp_path / "g.jsonl")) == groups
     # the imported rows follow the content when the set is later reordered

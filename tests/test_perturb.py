@@ -1,6 +1,6 @@
-"""SAM weight perturbation (vaa/methods/perturb.py): exact restore, ‖ε‖ = ρ, perturbed-point
-gradient, frozen / gradient-less params, buffer reuse, weighted mixing, LoRA (vaa.md §3.3-3.4,
-§3.7, §10 item 3)."""
+"""SAM weight perturbation (vaa/methods/perturb.py) and its gradient helpers
+(vaa/methods/grads.py): exact restore, ‖ε‖ = ρ, perturbed-point gradient, frozen /
+gradient-less params, buffer reuse, weighted mixing, LoRA (vaa.md §3.3-3.4, §3.7, §10 item 3)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vaa.config.schema import ArchConfig
-from vaa.methods.perturb import (SAMPerturber, WeightPerturbation, grad_norm, mix_grads,
-                                 perturb_weights, stash_grads, trainable_params)
+from vaa.methods.grads import grad_norm, mix_grads, stash_grads, trainable_params
+from vaa.methods.perturb import SAMPerturber, WeightPerturbation, perturb_weights
 from vaa.models.build import build_tiny_llama
 from vaa.models.tokenizer import build_word_tokenizer
 

@@ -11,7 +11,8 @@ then 1. save θ, 2. θ ← θ + ε, 3. forward/backward at θ + ε, 4. restore �
 optimizer apply ∇ℓ(θ + ε) at θ. The perturbation lives in **weight space**; it is not Vaccine's
 hidden-state perturbation (that is a forward-hook context, not this module).
 
-Usage (one object per run, so the restore buffers are allocated once and reused every step)::
+Usage (one object per run, so the restore buffers are allocated once and reused every step;
+``trainable_params``, ``stash_grads`` and ``mix_grads`` are in :mod:`vaa.methods.grads`)::
 
     sam = SAMPerturber(trainable_params(model), rho=0.4)          # restore="copy"
     loss0.backward()                                              # .grad = G0
@@ -42,11 +43,11 @@ Restore modes (``dro.sam.restore``, vaa.md §3.7):
   same memory as ``copy``.
 
 Distributed training: under DDP the gradients are all-reduced when ``backward`` returns, so
-every rank computes the same ‖g‖ and ε, and ``grad_norm`` needs no communication. Under FSDP
-(sharded parameters and gradients) each rank sees only its shard: the caller must all-reduce the
-squared shard norms (``grad_norm(...)**2`` summed over ranks) and pass the global norm via
-``grad_norm_value`` — not needed in this project yet. Gradient accumulation must be 1 (ε would
-otherwise be computed per micro-batch).
+every rank computes the same ‖g‖ and ε, and ``grad_norm`` (:mod:`vaa.methods.grads`) needs no
+communication. Under FSDP (sharded parameters and gradients) each rank sees only its shard: the
+caller must all-reduce the squared shard norms (``grad_norm(...)**2`` summed over ranks) and
+pass the global norm via ``grad_norm_value`` — not needed in this project yet. Gradient
+accumulation must be 1 (ε would otherwise be computed per micro-batch).
 """
 
 from __future__ import annotations
@@ -55,19 +56,11 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.utils.weak import WeakTensorKeyDictionary
+from torch import Tensor
+
+from vaa.methods.grads import global_norm, stash_grads
 
 RESTORE_MODES = ("copy", "subtract")
-
-
-def trainable_params(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters with ``requires_grad``, each once (tied weights are shared, not repeated).
-
-    Full fine-tuning: every parameter. LoRA (peft): only the adapter parameters, because peft
-    freezes the base model.
-    """
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _dedupe(params: Iterable[Tensor]) -> list[Tensor]:
@@ -78,27 +71,6 @@ def _dedupe(params: Iterable[Tensor]) -> list[Tensor]:
             seen.add(id(p))
             out.append(p)
     return out
-
-
-@torch.no_grad()
-def grad_norm(params: Iterable[Tensor]) -> Tensor:
-    """Global L2 norm of the ``.grad`` of ``params`` (those with a gradient), as a float32
-    0-dim tensor. Every per-tensor norm is accumulated in float32, also for bf16 gradients.
-
-    DDP: call after ``backward`` returns (gradients already all-reduced), every rank gets the
-    same value. FSDP / sharded gradients: this is the local shard's norm; the caller must sum
-    the squares across ranks (``dist.all_reduce(n**2)`` then ``sqrt``).
-    """
-    return _global_norm([p.grad for p in params])
-
-
-def _global_norm(tensors: Sequence[Optional[Tensor]]) -> Tensor:
-    norms = [torch.linalg.vector_norm(t, 2, dtype=torch.float32) for t in tensors if t is not None]
-    if not norms:
-        return torch.zeros((), dtype=torch.float32)
-    if len({n.device for n in norms}) > 1:
-        norms = [n.cpu() for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
 class WeightPerturbation:
@@ -162,7 +134,7 @@ class WeightPerturbation:
             if dirs[i].shape != self.params[i].shape:
                 raise ValueError(f"direction {i} has shape {tuple(dirs[i].shape)}, "
                                  f"param has {tuple(self.params[i].shape)}")
-        norm = self._norm_given if self._norm_given is not None else _global_norm(dirs)
+        norm = self._norm_given if self._norm_given is not None else global_norm(dirs)
         self.grad_norm = float(norm)  # one host sync per step, needed for the scalar alpha
         self.scale = self.rho / (self.grad_norm + self.eps)
         self.eps_norm = self.scale * self.grad_norm
@@ -276,60 +248,3 @@ class SAMPerturber:
     def buffer_numel(self) -> int:
         """Elements currently allocated for restore buffers (memory accounting)."""
         return sum(b.numel() for b in self.buffers if b is not None)
-
-
-_STASH = WeakTensorKeyDictionary()  # param -> reusable gradient buffer (default of stash_grads)
-
-
-@torch.no_grad()
-def stash_grads(params: Iterable[Tensor],
-                out: Optional[list[Optional[Tensor]]] = None) -> list[Optional[Tensor]]:
-    """Copies of the current ``.grad`` of ``params`` (``None`` where a param has no gradient).
-
-    The copies live in reusable buffers: ``out`` (a list filled in place, reused when shapes and
-    dtypes match) or, by default, one buffer per parameter kept for the parameter's lifetime.
-    So the returned tensors are overwritten by the next ``stash_grads`` on the same params (and
-    scaled in place by :func:`mix_grads`); ``.clone()`` them to keep them longer. Memory: one
-    gradient-sized buffer (vaa.md §5, weighted mixing).
-    """
-    params = list(params)
-    if out is not None and len(out) != len(params):
-        raise ValueError(f"out has {len(out)} entries for {len(params)} params")
-    result: list[Optional[Tensor]] = []
-    for i, p in enumerate(params):
-        g = p.grad
-        if g is None:
-            result.append(None)
-            continue
-        buf = out[i] if out is not None else _STASH.get(p)
-        if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-            buf = torch.empty_like(g, memory_format=torch.preserve_format)
-            if out is not None:
-                out[i] = buf
-            else:
-                _STASH[p] = buf
-        buf.copy_(g)
-        result.append(buf)
-    return result
-
-
-@torch.no_grad()
-def mix_grads(params: Iterable[Tensor], stashed: Sequence[Optional[Tensor]], lam: float) -> None:
-    """``p.grad ← (1 − λ)·stashed + λ·p.grad`` for every param (vaa.md §3.4 ``weighted``).
-
-    Computed as ``round((1−λ)·G0) + round(λ·G1)`` in the gradient's dtype, i.e. exactly what
-    ``(1 - lam) * g0 + lam * g1`` gives, without a new allocation: ``stashed`` is scaled in place
-    (its contents are consumed). A missing gradient counts as zero on that side.
-    """
-    params = list(params)
-    if len(stashed) != len(params):
-        raise ValueError(f"stashed has {len(stashed)} entries for {len(params)} params")
-    lam = float(lam)
-    for p, g0 in zip(params, stashed):
-        if p.grad is None:
-            if g0 is not None:
-                p.grad = g0.mul(1 - lam)
-            continue
-        p.grad.mul_(lam)
-        if g0 is not None:
-            p.grad.add_(g0.mul_(1 - lam))

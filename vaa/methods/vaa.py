@@ -36,7 +36,8 @@ import torch
 from vaa.data.group_stream import GroupDataModule
 from vaa.methods.base import TrainingMethod
 from vaa.methods.dro.sampler import EXP3Sampler
-from vaa.methods.perturb import SAMPerturber, mix_grads, trainable_params
+from vaa.methods.grads import mix_grads, trainable_params
+from vaa.methods.perturb import SAMPerturber
 
 VUL, INV = 1, 0
 log = logging.getLogger(__name__)

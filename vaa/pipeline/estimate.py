@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from vaa.analysis.forgetting import write_analysis
 from vaa.data.datamodule import hft_mix
-from vaa.data.groups import assign_groups, forgot_num, write_groups
+from vaa.data.groups import assign_groups, forgot_num
+from vaa.data.groups_file import write_groups
 from vaa.models.build import load_model
 from vaa.training.module import FinetuneModule
 from vaa.training.probe import JudgeProbe

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vaa.data.datamodule import SFTDataModule, hft_mix
-from vaa.data.groups import groups_for, import_reference_indices, read_groups
+from vaa.data.groups_file import groups_for, import_reference_indices, read_groups
 from vaa.data.sources import FolderSource
 from vaa.data.templates import TEMPLATES
 from vaa.eval.evaluate import evaluate

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vaa.methods.dro.sampler import _as_counts
+from vaa.methods.dro.validate import as_counts, is_real
 
 __all__ = ["GroupLossReweighter", "per_sample_token_mean_ce"]
 
@@ -68,10 +68,6 @@ def per_sample_token_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return (tok * mask).sum(dim=1) / n.clamp_min(1.0)
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 class GroupLossReweighter:
     """Sagawa-style online Group DRO over K groups (see the module docstring).
 
@@ -96,22 +92,22 @@ class GroupLossReweighter:
         if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool) or num_groups < 2:
             raise ValueError(f"num_groups must be an integer >= 2, got {num_groups!r}")
         self.num_groups = K = int(num_groups)
-        if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
+        if not is_real(eta) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         self.eta = float(eta)
-        if ema is not None and (not _is_real(ema) or not 0.0 < ema <= 1.0):
+        if ema is not None and (not is_real(ema) or not 0.0 < ema <= 1.0):
             raise ValueError(f"ema must be null or a number in (0, 1], got {ema!r}")
         self.ema = None if ema is None else float(ema)
         if not isinstance(normalize_loss, bool):
             raise ValueError(f"normalize_loss must be a bool, got {normalize_loss!r}")
         self.normalize_loss = normalize_loss
-        if not _is_real(min_var_weight) or not 0.0 <= min_var_weight <= 1.0:
+        if not is_real(min_var_weight) or not 0.0 <= min_var_weight <= 1.0:
             raise ValueError(f"min_var_weight must be a number in [0, 1], got {min_var_weight!r}")
         self.min_var_weight = float(min_var_weight)
 
         self.group_sizes: torch.Tensor | None = None
         if group_sizes is not None:
-            sizes = _as_counts(group_sizes)
+            sizes = as_counts(group_sizes)
             if sizes is None or len(sizes) != K or sum(sizes) == 0:
                 raise ValueError(f"group_sizes must be {K} non-negative integers with a positive sum, "
                                  f"got {group_sizes!r}")
@@ -125,8 +121,8 @@ class GroupLossReweighter:
 
         self.adj: torch.Tensor | None = None
         if adj is not None:
-            a = [adj] * K if _is_real(adj) else list(adj)
-            if len(a) != K or not all(_is_real(v) and math.isfinite(v) for v in a):
+            a = [adj] * K if is_real(adj) else list(adj)
+            if len(a) != K or not all(is_real(v) and math.isfinite(v) for v in a):
                 raise ValueError(f"adj must be null, a number or {K} numbers, got {adj!r}")
             if bool((self.group_sizes <= 0).any()):
                 raise ValueError(f"adj needs every group non-empty, got group_sizes={group_sizes!r}")

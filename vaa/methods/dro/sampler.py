@@ -44,43 +44,17 @@ the original, draws and updates alike (spec §10 item 6).
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from collections.abc import Sequence
 from typing import Any
+
+from vaa.methods.dro.validate import as_counts, check_clip, check_group, check_loss, is_int, is_real
 
 __all__ = ["EXP3Sampler", "VUL", "INV"]
 
 INV, VUL = 0, 1  # group ids of the reference code ("Unforget" / "Forget")
 
 _FEEDBACK = ("bandit", "full")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _as_counts(values: Any) -> list[int] | None:
-    """Non-negative whole numbers (ints, numpy / 0-d torch integers, integral floats) as a
-    list of ints, or None if ``values`` is not such a sequence."""
-    if isinstance(values, (str, bytes)):
-        return None
-    try:
-        out = []
-        for v in values:
-            if isinstance(v, (bool, str, bytes)):
-                return None
-            n = int(v)
-            if n != v or n < 0:
-                return None
-            out.append(n)
-        return out
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 def _normalise_log(logw: list[float]) -> list[float]:
@@ -114,28 +88,28 @@ class EXP3Sampler:
     def __init__(self, num_groups: int = 2, eta: float = 0.007, init: str | Sequence[float] = "uniform",
                  group_sizes: Sequence[int] | None = None, clip: Sequence[float] | None = (0.1, 0.9),
                  feedback: str = "bandit", seed: int = 0):
-        if not _is_int(num_groups) or num_groups < 2:
+        if not is_int(num_groups) or num_groups < 2:
             raise ValueError(f"num_groups must be an integer >= 2, got {num_groups!r}")
         self.num_groups = K = int(num_groups)
-        if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
+        if not is_real(eta) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         self.eta = float(eta)
         if feedback not in _FEEDBACK:
             raise ValueError(f"feedback must be one of {_FEEDBACK}, got {feedback!r}")
         self.feedback = feedback
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = int(seed)
 
         if group_sizes is not None:
-            sizes = _as_counts(group_sizes)
+            sizes = as_counts(group_sizes)
             if sizes is None or len(sizes) != K:
                 raise ValueError(f"group_sizes must be {K} non-negative integers, got {group_sizes!r}")
             self.group_sizes: list[int] | None = sizes
         else:
             self.group_sizes = None
 
-        self.clip = self._check_clip(clip, K)
+        self.clip = check_clip(clip, K)
         self._q = self._initial_q(init, K)
         self._apply_clip()
         self._rng = random.Random(self.seed)
@@ -143,25 +117,6 @@ class EXP3Sampler:
         self.num_updates = 0
 
     # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _check_clip(clip: Sequence[float] | None, K: int) -> tuple[float, float] | None:
-        if clip is None:
-            return None
-        try:
-            if isinstance(clip, (str, bytes)):
-                raise TypeError
-            c = list(clip)
-        except TypeError:
-            raise ValueError(f"clip must be null or a pair [lo, hi], got {clip!r}") from None
-        if len(c) != 2 or not all(_is_real(v) and math.isfinite(v) for v in c):
-            raise ValueError(f"clip must be null or a pair of finite numbers [lo, hi], got {clip!r}")
-        lo, hi = float(c[0]), float(c[1])
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"clip must satisfy 0 <= lo <= hi <= 1, got {clip!r}")
-        if K > 2 and lo * K > 1.0 + 1e-12:
-            raise ValueError(f"clip: the floor lo={lo} times num_groups={K} exceeds 1")
-        return lo, hi
-
     def _initial_q(self, init: str | Sequence[float], K: int) -> list[float]:
         if isinstance(init, str):
             if init == "uniform":
@@ -179,7 +134,7 @@ class EXP3Sampler:
             w = list(init)
         except TypeError:
             raise ValueError(f"init must be 'uniform', 'empirical' or {K} weights, got {init!r}") from None
-        if len(w) != K or not all(_is_real(v) and math.isfinite(v) and v > 0 for v in w):
+        if len(w) != K or not all(is_real(v) and math.isfinite(v) and v > 0 for v in w):
             raise ValueError(f"init: explicit q must be {K} finite positive weights, got {init!r}")
         z = math.fsum(float(v) for v in w)
         return [float(v) / z for v in w]
@@ -214,30 +169,13 @@ class EXP3Sampler:
         return k
 
     # ------------------------------------------------------------------ updates
-    def _check_group(self, group: Any) -> int:
-        if not _is_int(group) or not 0 <= group < self.num_groups:
-            raise ValueError(f"group must be an integer in [0, {self.num_groups}), got {group!r}")
-        return int(group)
-
-    @staticmethod
-    def _check_loss(loss: Any, name: str = "loss") -> float:
-        if isinstance(loss, (str, bytes)):
-            raise ValueError(f"{name} must be a finite number, got {loss!r}")
-        try:
-            v = float(loss)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a finite number, got {loss!r}") from None
-        if not math.isfinite(v):
-            raise ValueError(f"{name} must be finite, got {v}")
-        return v
-
     def update(self, group: int, loss: float) -> None:
         """Bandit EXP3 step (Eq. 13): r_k = L/q_k; q_k <- q_k e^{η r_k}; q <- q/Σq; clip."""
         if self.feedback != "bandit":
             raise ValueError("update(group, loss) is the bandit update; this sampler has feedback='full': "
                              "call update_full(losses) with every group's loss")
-        k = self._check_group(group)
-        L = self._check_loss(loss)
+        k = check_group(group, self.num_groups)
+        L = check_loss(loss)
         qk = self._q[k]
         if qk <= 0.0:
             raise ValueError(f"group {k} has q = 0 and cannot have been drawn; its importance weight is undefined")
@@ -255,7 +193,7 @@ class EXP3Sampler:
         fs = list(losses)
         if len(fs) != self.num_groups:
             raise ValueError(f"losses must hold {self.num_groups} values, got {len(fs)}")
-        fs = [self._check_loss(f, f"losses[{i}]") for i, f in enumerate(fs)]
+        fs = [check_loss(f, f"losses[{i}]") for i, f in enumerate(fs)]
         self._q = _normalise_log([_log(qi) + self.eta * f for qi, f in zip(self._q, fs)])
         self._apply_clip()
         self.num_updates += 1
