@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -25,6 +26,10 @@ from vaa.training.module import FinetuneModule
 from vaa.training.probe import JudgeProbe
 
 
+def judge_flags(judge, prompts, answers) -> list[bool]:
+    return judge.score(prompts, answers)[0]
+
+
 def build_estimate(ctx, out: Path) -> None:
     from vaa.pipeline.stages import train  # the one training routine every stage uses
 
@@ -33,13 +38,16 @@ def build_estimate(ctx, out: Path) -> None:
     judge = instantiate(cfg.judge.build, world_dir=str(ctx.dirs["world"]))
     harmful = ctx.source.examples("beavertails", "proxy_harmful")
     flags_per_run, names = [], []
+    # Proxy runs are small and their probe must see every checkpoint in this process: one
+    # device, whatever the alignment uses (a ddp_spawn child's callback state never returns).
+    single_device = OmegaConf.merge(cfg.trainer, {"devices": 1, "strategy": "auto"})
     for proxy in est.proxies:
         model, tokenizer = load_model(ctx.dirs["sft_aligned"])
         rows = ctx.source.examples(proxy.dataset, proxy.split, proxy.start, proxy.stop, proxy.format)
         mix = hft_mix(rows, harmful, est.n, proxy.harmful_ratio, keys="dro.estimate")
         steps = est.epochs * math.ceil(len(mix) / est.batch_size)
         at = [round(steps * (t + 1) / est.checkpoints) for t in range(est.checkpoints)]
-        probe = JudgeProbe(align, tokenizer, lambda p, a: judge.score(p, a)[0], at,
+        probe = JudgeProbe(align, tokenizer, partial(judge_flags, judge), at,
                            template=cfg.template.decode, max_new_tokens=cfg.eval.hs_max_new_tokens,
                            batch_size=cfg.eval.batch_size, max_prompt_length=cfg.model.max_prompt_length)
         recipe = OmegaConf.create({"lr": est.lr, "epochs": est.epochs, "max_steps": -1,
@@ -47,7 +55,7 @@ def build_estimate(ctx, out: Path) -> None:
                                    "betas": [0.9, 0.999], "grad_clip": 1.0, "schedule": "constant",
                                    "warmup_ratio": 0.0})
         train(ctx, FinetuneModule, model, tokenizer, mix, recipe, instantiate({"_target_": "vaa.methods.sft.SFT"}),
-              f"estimate_{proxy.name}", cfg.seed, callbacks=[probe])
+              f"estimate_{proxy.name}", cfg.seed, callbacks=[probe], trainer_cfg=single_device)
         flags_per_run.append([[int(probe.flags[t][i]) for t in range(len(probe.flags))]
                               for i in range(len(align))])
         names.append(proxy.name)

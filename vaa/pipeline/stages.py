@@ -121,7 +121,7 @@ def build_finetuned(ctx: Context, out: Path) -> None:
 
 
 def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
-          seed: int, callbacks: list | None = None, datamodule=None) -> None:
+          seed: int, callbacks: list | None = None, datamodule=None, trainer_cfg=None) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
     dm = datamodule or SFTDataModule(
         examples, tokenizer, batch_size=recipe.batch_size, seed=seed, template=ctx.cfg.template.train,
@@ -129,7 +129,7 @@ def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, 
     steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * dm.steps_per_epoch()
     model.train()
     module = module_cls(model, method, recipe, steps)
-    fit(module, dm, trainer_cfg=ctx.cfg.trainer, recipe=recipe, log_dir=ctx.run_dir / "logs",
+    fit(module, dm, trainer_cfg=trainer_cfg or ctx.cfg.trainer, recipe=recipe, log_dir=ctx.run_dir / "logs",
         stage=stage, work_dir=ctx.work_dir(stage), callbacks=callbacks)
 
 
