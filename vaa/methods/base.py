@@ -49,6 +49,10 @@ class TrainingMethod:
             sched.step()
         return norm
 
+    def write_artifacts(self, out_dir) -> None:
+        """Method-specific outputs saved beside the trained model (e.g. VAA's sampler
+        trajectory and its plot). Nothing by default."""
+
     # Per-method state saved with Lightning checkpoints (sampler, anchors, EMA weights, …).
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from vaa.analysis.trajectory import write_trajectory
 from vaa.data.group_stream import GroupDataModule
 from vaa.methods.base import TrainingMethod
 from vaa.methods.dro.sampler import EXP3Sampler
@@ -64,6 +65,7 @@ class VAA(TrainingMethod):
         self.coin = random.Random(f"vaa-bernoulli-{seed}")
         self.sampler: EXP3Sampler | None = None
         self.stats = {"steps": 0, "perturbed": 0, "passes": 0}
+        self.trajectory: list[tuple[int, float, float, float]] = []  # (group, p, clean, perturbed)
 
     @property
     def passes_per_step(self) -> float:  # expected, for benchmarks.step_cost (vaa.md §5)
@@ -121,6 +123,8 @@ class VAA(TrainingMethod):
         if d.sampler.update_q and self.only_group is None:
             self.sampler.update(group, float(module.all_reduce_mean(loss)))
         logs["grad_norm"] = self.apply_gradients(module)
+        self.trajectory.append((group, self.sampler.probs[VUL], float(loss0),
+                                float(logs.get(f"loss_perturbed/g{group}", float("nan")))))
         self.stats["steps"] += 1
         self.stats["perturbed"] += int(perturb)
         self.stats["passes"] += 1 + int(perturb)
@@ -133,7 +137,7 @@ class VAA(TrainingMethod):
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict() if self.sampler else None,
                 "stream": self.stream.state_dict(), "coin": self.coin.getstate(),
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "trajectory": list(self.trajectory)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -143,3 +147,9 @@ class VAA(TrainingMethod):
         self.stream.load_state_dict(state["stream"])
         self.coin.setstate(state["coin"])
         self.stats = dict(state["stats"])
+        self.trajectory = [tuple(t) for t in state.get("trajectory", [])]
+
+    def write_artifacts(self, out_dir) -> None:
+        """``dro_trajectory.json`` (per step: group, p after the update, clean and perturbed
+        loss) and ``dro_trajectory.png`` (p over training; clean loss per group)."""
+        write_trajectory(out_dir, self.trajectory, self.stats)

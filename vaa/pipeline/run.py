@@ -52,9 +52,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
         stage(name, build)
         if evaluated:
             results[name] = evaluate_stage(ctx, name, stage, cached[name])
-    for f in ("groups.jsonl", "forgetting.png"):  # stage 1's outputs, beside metrics.json
-        if "estimate" in ctx.dirs:
-            shutil.copy(ctx.dirs["estimate"] / f, run_dir / f)
+    # stage 1's outputs and the method's own (VAA's sampler trajectory), beside metrics.json
+    for stage_name, f in [("estimate", "groups.jsonl"), ("estimate", "forgetting.png"),
+                          ("aligned", "dro_trajectory.json"), ("aligned", "dro_trajectory.png")]:
+        if stage_name in ctx.dirs and (ctx.dirs[stage_name] / f).is_file():
+            shutil.copy(ctx.dirs[stage_name] / f, run_dir / f)
     timing["total"] = round(time.perf_counter() - t_start, 3)
     final = results["finetuned"]
     groups = None

@@ -88,6 +88,7 @@ def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
     train(ctx, AlignModule, model, tokenizer, examples, cfg.align, method,
           "aligned" if method_cfg is None else "sft_aligned", cfg.seed, datamodule=dm)
     save_model(model, tokenizer, out)
+    method.write_artifacts(out)
     if groups is not None:
         shutil.copy(group_file(ctx), out / "groups.jsonl")
 
