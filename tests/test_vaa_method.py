@@ -119,6 +119,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 
     assert resumed.method.sampler.probs == full.method.sampler.probs
     assert resumed.method.stats == full.method.stats
+    assert resumed.method.trajectory == full.method.trajectory  # the plotted history survives too
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
     # and the interrupted run did stop early: its weights differ from the final ones
@@ -147,3 +148,17 @@ def test_loss_reweighting_gdro_step(setup):
     q = method.reweighter.probs
     assert q != [0.5, 0.5] and abs(sum(q) - 1) < 1e-9  # q moved, stays on the simplex
     assert method.state_dict()["reweighter"]["num_updates"] == 3
+
+
+def test_trajectory_artifacts(setup, tmp_path):
+    import json
+
+    steps = 5
+    module, dm = make(setup, steps)
+    trainer(steps).fit(module, datamodule=dm)
+    module.method.write_artifacts(tmp_path)
+    data = json.loads((tmp_path / "dro_trajectory.json").read_text())
+    assert len(data["steps"]) == steps and data["stats"]["steps"] == steps
+    assert [r["p_vulnerable"] for r in data["steps"]][-1] == module.method.sampler.probs[1]
+    assert sum(r["loss_perturbed"] is not None for r in data["steps"]) == data["stats"]["perturbed"]
+    assert (tmp_path / "dro_trajectory.png").stat().st_size > 0

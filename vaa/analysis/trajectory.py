@@ -4,16 +4,15 @@ as JSON and a plot (vaa.md §7, "at the end")."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 
-def write_trajectory(out_dir: str | Path, steps: Sequence[tuple[int, float, float, float]],
-                     stats: dict) -> None:
+def write_trajectory(out_dir: str | Path, steps: Sequence[tuple], stats: dict) -> None:
+    """``steps``: (group, p after the update, clean loss, perturbed loss or None) per step."""
     out = Path(out_dir)
-    rows = [{"step": i + 1, "group": g, "p_vulnerable": p, "loss_clean": l0,
-             "loss_perturbed": None if math.isnan(l1) else l1} for i, (g, p, l0, l1) in enumerate(steps)]
+    rows = [{"step": i + 1, "group": g, "p_vulnerable": p, "loss_clean": l0, "loss_perturbed": l1}
+            for i, (g, p, l0, l1) in enumerate(steps)]
     (out / "dro_trajectory.json").write_text(json.dumps({"stats": stats, "steps": rows}))
     if not rows:
         return

@@ -65,7 +65,7 @@ class VAA(TrainingMethod):
         self.coin = random.Random(f"vaa-bernoulli-{seed}")
         self.sampler: EXP3Sampler | None = None
         self.stats = {"steps": 0, "perturbed": 0, "passes": 0}
-        self.trajectory: list[tuple[int, float, float, float]] = []  # (group, p, clean, perturbed)
+        self.trajectory: list[tuple] = []  # (group, p, clean loss, perturbed loss or None)
 
     @property
     def passes_per_step(self) -> float:  # expected, for benchmarks.step_cost (vaa.md §5)
@@ -123,8 +123,9 @@ class VAA(TrainingMethod):
         if d.sampler.update_q and self.only_group is None:
             self.sampler.update(group, float(module.all_reduce_mean(loss)))
         logs["grad_norm"] = self.apply_gradients(module)
+        l1 = logs.get(f"loss_perturbed/g{group}")
         self.trajectory.append((group, self.sampler.probs[VUL], float(loss0),
-                                float(logs.get(f"loss_perturbed/g{group}", float("nan")))))
+                                None if l1 is None else float(l1)))
         self.stats["steps"] += 1
         self.stats["perturbed"] += int(perturb)
         self.stats["passes"] += 1 + int(perturb)
