@@ -162,3 +162,12 @@ def test_trajectory_artifacts(setup, tmp_path):
     assert [r["p_vulnerable"] for r in data["steps"]][-1] == module.method.sampler.probs[1]
     assert sum(r["loss_perturbed"] is not None for r in data["steps"]) == data["stats"]["perturbed"]
     assert (tmp_path / "dro_trajectory.png").stat().st_size > 0
+
+
+def test_full_information_feedback_updates_from_both_groups(setup):
+    steps = 3
+    module, dm = make(setup, steps, lambda_max=0.0, sampler={"feedback": "full"})
+    calls = count_forwards(module)
+    trainer(steps).fit(module, datamodule=dm)
+    assert calls[0] == 2 * steps  # the sampled group's pass + the other group's forward
+    assert module.method.sampler.num_updates == steps and module.method.sampler.probs[1] != 0.5

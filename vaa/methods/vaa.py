@@ -121,7 +121,7 @@ class VAA(TrainingMethod):
             else:
                 loss = loss1.detach()
         if d.sampler.update_q and self.only_group is None:
-            self.sampler.update(group, float(module.all_reduce_mean(loss)))
+            self.update_sampler(module, group, loss)
         logs["grad_norm"] = self.apply_gradients(module)
         l1 = logs.get(f"loss_perturbed/g{group}")
         self.trajectory.append((group, self.sampler.probs[VUL], float(loss0),
@@ -134,6 +134,21 @@ class VAA(TrainingMethod):
                      "dro/perturbed_fraction": torch.tensor(self.stats["perturbed"] / self.stats["steps"]),
                      "dro/passes": torch.tensor(float(self.stats["passes"]))})
         return logs
+
+    def update_sampler(self, module, group: int, loss: torch.Tensor) -> None:
+        """EXP3 with bandit feedback (Eq. 13, the reference), or with full information
+        (``dro.sampler.feedback=full``, Eq. 12, the spec's ``vaa_full_info`` ablation): the
+        other group's clean loss on its next batch, one extra forward without backward."""
+        if self.dro.sampler.feedback != "full":
+            self.sampler.update(group, float(module.all_reduce_mean(loss)))
+            return
+        losses = [0.0, 0.0]
+        losses[group] = float(module.all_reduce_mean(loss))
+        other = 1 - group
+        with torch.no_grad():
+            batch = {k: v.to(module.device) for k, v in self.stream.next_batch(other).items()}
+            losses[other] = float(module.all_reduce_mean(module.lm_loss(batch)))
+        self.sampler.update_full(losses)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict() if self.sampler else None,
