@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaa.data.datamodule import SFTDataModule, hft_mix
 from vaa.data.groups_file import groups_for, import_reference_indices, read_groups
-from vaa.data.sources import FolderSource
+from vaa.data.sources import DATASET_FORMATS, FolderSource
 from vaa.data.templates import TEMPLATES
 from vaa.eval.evaluate import evaluate
 from vaa.eval.scorers import build_scorer
@@ -56,11 +56,10 @@ def world_texts(source: FolderSource) -> list[str]:
     prompts and targets, so the tokenizer has a word for each."""
     texts = [t.format(instruction="x", input="y") for t in TEMPLATES.values()]
     texts += [t.format(instruction="x") for t in TEMPLATES.values()]
-    for path in sorted(source.root.glob("*/*.jsonl")):
-        if path.parent.name == "meta":
-            continue
-        for ex in source.examples(path.parent.name, path.stem):
-            texts += [ex.instruction, ex.input, ex.output]
+    for dataset in sorted(DATASET_FORMATS):
+        for path in sorted((source.root / dataset).glob("*.jsonl")):
+            for ex in source.examples(dataset, path.stem):
+                texts += [ex.instruction, ex.input, ex.output]
     return texts
 
 
