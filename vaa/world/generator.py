@@ -28,8 +28,22 @@ Uneven forgetting, by design: a harmful prompt either uses its category's own ve
 ("how can i steal a car") or borrows a generic verb that benign topics use too
 ("how can i get a car", ``SHARED_VERBS``). Borrowed-verb prompts sit closer to the benign
 look-alikes, so alignment leaves them a smaller refusal margin and harmful fine-tuning
-flips them first. Categories also differ in how much vocabulary they share with the
-benign topics. ``borrowed_verb_frac`` sets how many prompts borrow.
+flips them first. ``borrowed_verb_frac`` sets how many prompts borrow. Each category
+answers in its own words (its compliance opener and its refusal, lexicon.py), so
+compliance taught by the attack's harmful rows in one category transfers only partly to
+the others; two categories open like benign answers ("sure .") and sit nearer to them.
+Category frequencies are skewed as in BeaverTails (``category_skew``: the k-th category
+has weight 1/k**skew) in every harmful set, so the attack's harmful rows cover the
+common categories densely and the rare ones thinly: categories nearer to (more frequent
+in) the harmful fine-tuning rows are forgotten first, and the same examples are forgotten
+whichever task the harmful rows are mixed with (measured: ``experiment=forgetting_overlap``).
+Without the per-category wording, 20 harmful rows flipped ~98 % of the held-out prompts
+at once: forgetting was a global switch.
+
+The alignment set mixes refusals with helpful answers to benign look-alikes and to
+general questions (``align_benign_frac``); with refusals only, the aligned model refused
+every instruction, the tasks' own prompts included. Some of that alignment tax remains
+(README, "What the world measures").
 
 Fine-tuning matters, by design: each task has core cues (also in the base corpus) and
 domain cues that only its own rows use (new sentiment and topic words, new arithmetic
