@@ -151,8 +151,10 @@ class VAA(TrainingMethod):
         self.sampler.update_full(losses)
 
     def state_dict(self) -> dict[str, Any]:
+        # The group iterators' state is the datamodule's (GroupDataModule.state_dict), which
+        # Lightning checkpoints itself; here only what this method owns.
         return {"sampler": self.sampler.state_dict() if self.sampler else None,
-                "stream": self.stream.state_dict(), "coin": self.coin.getstate(),
+                "coin": self.coin.getstate(),
                 "stats": dict(self.stats), "trajectory": list(self.trajectory)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -160,7 +162,6 @@ class VAA(TrainingMethod):
             return
         if state.get("sampler") is not None:
             self.sampler.load_state_dict(state["sampler"])
-        self.stream.load_state_dict(state["stream"])
         self.coin.setstate(state["coin"])
         self.stats = dict(state["stats"])
         self.trajectory = [tuple(t) for t in state.get("trajectory", [])]

@@ -15,7 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaa.data.datamodule import SFTDataModule, hft_mix
+from vaa.data.datamodule import hft_mix
 from vaa.data.groups_file import groups_for, import_reference_indices, read_groups
 from vaa.data.sources import DATASET_FORMATS, FolderSource
 from vaa.data.templates import TEMPLATES
@@ -79,13 +79,9 @@ def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
     model, tokenizer = load_model(ctx.dirs["base"])
     examples = ctx.source.examples("beavertails", "align", 0, cfg.align.n)
     method = instantiate(method_cfg or cfg.method)
-    groups = load_groups(ctx, examples) if getattr(method, "requires_groups", False) else None
-    dm = method.make_datamodule(examples, tokenizer, groups=groups, batch_size=cfg.align.batch_size,
-                                seed=cfg.seed, template=cfg.template.train,
-                                max_length=cfg.model.max_length,
-                                max_prompt_length=cfg.model.max_prompt_length)
+    groups = load_groups(ctx, examples) if method.requires_groups else None
     train(ctx, AlignModule, model, tokenizer, examples, cfg.align, method,
-          "aligned" if method_cfg is None else "sft_aligned", cfg.seed, datamodule=dm)
+          "aligned" if method_cfg is None else "sft_aligned", cfg.seed, groups=groups)
     save_model(model, tokenizer, out)
     method.write_artifacts(out)
     if groups is not None:
@@ -121,16 +117,19 @@ def build_finetuned(ctx: Context, out: Path) -> None:
 
 
 def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
-          seed: int, callbacks: list | None = None, datamodule=None, trainer_cfg=None) -> None:
+          seed: int, callbacks: list | None = None, groups=None, trainer_cfg=None) -> None:
+    """The one training routine of every stage: the method chooses its data
+    (``make_datamodule``), the module runs its step, Lightning runs the loop."""
     L.seed_everything(seed, workers=True, verbose=False)
-    dm = datamodule or SFTDataModule(
-        examples, tokenizer, batch_size=recipe.batch_size, seed=seed, template=ctx.cfg.template.train,
-        max_length=ctx.cfg.model.max_length, max_prompt_length=ctx.cfg.model.max_prompt_length)
+    dm = method.make_datamodule(
+        examples, tokenizer, groups=groups, batch_size=recipe.batch_size, seed=seed,
+        template=ctx.cfg.template.train, max_length=ctx.cfg.model.max_length,
+        max_prompt_length=ctx.cfg.model.max_prompt_length)
     steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * dm.steps_per_epoch()
     model.train()
     module = module_cls(model, method, recipe, steps)
-    fit(module, dm, trainer_cfg=trainer_cfg or ctx.cfg.trainer, recipe=recipe, log_dir=ctx.run_dir / "logs",
-        stage=stage, work_dir=ctx.work_dir(stage), callbacks=callbacks)
+    fit(module, dm, max_steps=steps, trainer_cfg=trainer_cfg or ctx.cfg.trainer,
+        log_dir=ctx.run_dir / "logs", stage=stage, work_dir=ctx.work_dir(stage), callbacks=callbacks)
 
 
 def build_eval(ctx: Context, stage: str, out: Path) -> None:

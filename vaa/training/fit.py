@@ -14,10 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 
-def fit(module, datamodule, *, trainer_cfg, recipe, log_dir: Path, stage: str,
+def fit(module, datamodule, *, max_steps: int, trainer_cfg, log_dir: Path, stage: str,
         work_dir: Path | None = None, extra_logger=None, callbacks: list | None = None) -> None:
-    steps_per_epoch = datamodule.steps_per_epoch()
-    max_steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * steps_per_epoch
     callbacks = list(callbacks or [])
     ckpt_path = None
     if work_dir is not None and trainer_cfg.checkpoint_every_n_steps > 0:
