@@ -40,13 +40,31 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and few repetitions: a seconds-long smoke run")
-    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per variant")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice; 1 with --quick). "
                         "On a machine shared with other busy processes, 1 avoids the "
                         "thread oversubscription that makes every step erratic")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def size_options(p: argparse.ArgumentParser, **sizes: tuple[int, int]) -> None:
+    """``--name`` options whose default depends on ``--quick``: name=(quick, full)."""
+    for name, (quick, full) in sizes.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"default {full} ({quick} with --quick)")
+    p.set_defaults(_sizes=sizes)
+
+
+def run_main(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict],
+             argv: Sequence[str] | None) -> dict:
+    """Parse, fill the sizes left unset for the mode, and run under ``runtime``."""
+    a = p.parse_args(argv)
+    for name, (quick, full) in getattr(a, "_sizes", {}).items():
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else full)
+    with runtime(a.threads or (1 if a.quick else None)):
+        return run(a)
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (base_parser, emit, interleaved, make_world, median, runtime,
-                               tiny_model, world_tokenizer)
+from benchmarks.common import (base_parser, emit, interleaved, make_world, median, run_main,
+                               size_options, tiny_model, world_tokenizer)
 from vaa.data.encode import prompt_ids
 from vaa.eval.generate import generate
 
@@ -30,24 +30,15 @@ NAME = "generation"
 
 def main(argv: list[str] | None = None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--n-prompts", type=int, default=None, help="default 200")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 128)")
-    p.add_argument("--layers", type=int, default=None, help="layers (default 2)")
     p.add_argument("--template", default="compact")
-    a = p.parse_args(argv)
-    with runtime(a.threads or (1 if a.quick else None)):
-        return run(a)
+    size_options(p, n_prompts=(12, 200), max_new_tokens=(4, 32), hidden=(32, 128), layers=(1, 2),
+                 reps=(1, 3))
+    return run_main(p, run, argv)
 
 
 def run(a) -> dict:
-    q = a.quick
-    n = a.n_prompts or (12 if q else 200)
-    new_tokens = a.max_new_tokens or (4 if q else 32)
-    hidden = a.hidden or (32 if q else 128)
-    layers = a.layers or (1 if q else 2)
-    reps = a.reps or (1 if q else 3)
+    n, new_tokens, hidden, layers, reps = a.n_prompts, a.max_new_tokens, a.hidden, a.layers, a.reps
     with tempfile.TemporaryDirectory(prefix="vaa-bench-") as tmp:
         source = make_world(Path(tmp) / "world", hs_test=max(n, 20))
         tokenizer = world_tokenizer(source)

@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import (base_parser, emit, interleaved, make_world, median, runtime,
-                               tiny_model, world_tokenizer)
+from benchmarks.common import (base_parser, emit, interleaved, make_world, median, run_main,
+                               size_options, tiny_model, world_tokenizer)
 from vaa.config.schema import AlignConfig
 from vaa.data.encode import TrainCollator, encode_train
 from vaa.methods.sft import SFT
@@ -283,28 +283,18 @@ def compare(tokenizer, batches, *, hidden: int, layers: int, warmup: int, steps:
 
 def main(argv: list[str] | None = None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 256)")
-    p.add_argument("--layers", type=int, default=None, help="layers (default 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3)")
     p.add_argument("--no-tiny", action="store_true",
                    help="skip the default tiny model's ratio (hidden 128, 2 layers)")
     p.add_argument("--explain", action="store_true",
                    help="also time Lightning variants that each remove one cost")
-    a = p.parse_args(argv)
-    with runtime(a.threads or (1 if a.quick else None)):
-        return run(a)
+    size_options(p, hidden=(32, 256), layers=(1, 4), batch_size=(4, 16), steps=(3, 20),
+                 warmup=(1, 3), reps=(1, 5))
+    return run_main(p, run, argv)
 
 
 def run(a) -> dict:
-    q = a.quick
-    hidden = a.hidden or (32 if q else 256)
-    layers = a.layers or (1 if q else 4)
-    batch_size = a.batch_size or (4 if q else 16)
-    steps = a.steps or (3 if q else 20)
-    warmup = a.warmup if a.warmup is not None else (1 if q else 3)
-    reps = a.reps or (1 if q else 5)
+    hidden, layers, batch_size = a.hidden, a.layers, a.batch_size
+    steps, warmup, reps = a.steps, a.warmup, a.reps
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vaa-bench-") as tmp:
         root = Path(tmp)
@@ -325,7 +315,7 @@ def run(a) -> dict:
         }
         if a.explain:
             figures["variants"] = res["paired"]
-        if not (q or a.no_tiny or (hidden, layers) == (128, 2)):
+        if not (a.quick or a.no_tiny or (hidden, layers) == (128, 2)):
             tiny = compare(tokenizer, batches, hidden=128, layers=2, **kw)
             tl = tiny["paired"]["lightning"]
             figures.update(ratio_tiny=tl["ratio"], lightning_ms_tiny=tl["lightning_ms"],

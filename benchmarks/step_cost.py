@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (base_parser, emit, interleaved, make_world, median, runtime,
-                               tiny_model, world_tokenizer)
+from benchmarks.common import (base_parser, emit, interleaved, make_world, median, run_main,
+                               size_options, tiny_model, world_tokenizer)
 
 NAME = "step_cost"
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,28 +269,18 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 256)")
-    p.add_argument("--layers", type=int, default=None, help="layers (default 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 8")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 40)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of conf/method (default: all; sft always runs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available")
-    a = p.parse_args(argv)
-    with runtime(a.threads or (1 if a.quick else None)):
-        return run(a)
+    size_options(p, hidden=(32, 256), layers=(1, 4), batch_size=(4, 8), steps=(4, 40),
+                 warmup=(1, 5), reps=(1, 3))
+    return run_main(p, run, argv)
 
 
 def run(a) -> dict:
-    q = a.quick
-    hidden = a.hidden or (32 if q else 256)
-    layers = a.layers or (1 if q else 4)
-    batch_size = a.batch_size or (4 if q else 8)
-    steps = a.steps or (4 if q else 40)
-    warmup = a.warmup if a.warmup is not None else (1 if q else 5)
-    reps = a.reps or (1 if q else 3)
+    hidden, layers, batch_size = a.hidden, a.layers, a.batch_size
+    steps, warmup, reps = a.steps, a.warmup, a.reps
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     methods = registered_methods()
     if a.methods:

@@ -1,5 +1,4 @@
 import dataclasses
-import json
 import logging
 import os
 import re

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vaa.pipeline import stages as S
-from vaa.pipeline.cache import MARKER, ArtifactCache
+from vaa.pipeline.cache import ArtifactCache
 from vaa.pipeline.keys import plan_keys
 from vaa.pipeline.run import run_pipeline
 
