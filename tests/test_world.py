@@ -17,10 +17,11 @@ from vaa.world import lexicon as L
 from vaa.world.generator import WorldSizes, generate_world, harm_lexicon, write_world
 
 REAL_BEAVERTAILS = Path("/work/shared/data/real/beavertails_30k_test.jsonl")
-HARMFUL_SPLITS = ("harmful", "proxy_harmful", "test")
+HARMFUL_SPLITS = ("harmful", "proxy_harmful", "align_harmful", "test")
 ALL_TABLES = {
     "beavertails/base.jsonl", "beavertails/align.jsonl", "beavertails/harmful.jsonl",
-    "beavertails/proxy_harmful.jsonl", "beavertails/test.jsonl", "meta/align.jsonl",
+    "beavertails/proxy_harmful.jsonl", "beavertails/align_harmful.jsonl", "beavertails/test.jsonl",
+    "meta/align.jsonl",
     "sst2/base.jsonl", "sst2/train.jsonl", "sst2/validation.jsonl",
     "ag_news/base.jsonl", "ag_news/train.jsonl", "ag_news/test.jsonl",
     "gsm8k/base.jsonl", "gsm8k/train.jsonl", "gsm8k/test.jsonl",
@@ -188,11 +189,12 @@ def test_alpaca_eval_columns(world, sizes):
 def test_sizes_match_worldsizes():
     sz = WorldSizes(seed=1, base_harmful=37, base_benign=41, base_task=23, align=50,
                     align_benign_frac=0.2, harmful_pool=17, proxy_pool=19, hs_test=13,
-                    task_train=29, task_test=11)
+                    align_harmful_pool=7, task_train=29, task_test=11)
     w = generate_world(sz)
     assert set(w) == ALL_TABLES
     want = {"beavertails/base.jsonl": 78, "beavertails/align.jsonl": 50, "meta/align.jsonl": 50,
             "beavertails/harmful.jsonl": 17, "beavertails/proxy_harmful.jsonl": 19,
+            "beavertails/align_harmful.jsonl": 7,
             "beavertails/test.jsonl": 13, "alpaca_eval/base.jsonl": 23, "alpaca_eval/eval.jsonl": 40}
     for d, (train, test) in {"sst2": ("train", "validation"), "ag_news": ("train", "test"),
                              "gsm8k": ("train", "test")}.items():
@@ -245,9 +247,10 @@ def test_harmful_prompt_sets_are_disjoint(world, sizes):
     sets = _harmful_prompts(world)
     # Held-out splits hold distinct prompts ...
     for s, n in [("harmful", sizes.harmful_pool), ("proxy_harmful", sizes.proxy_pool),
+                 ("align_harmful", sizes.align_harmful_pool),
                  ("test", sizes.hs_test), ("align", sizes.align - round(sizes.align * sizes.align_benign_frac))]:
         assert len(sets[s]) == n, s
-    # ... and no prompt is in two of align / harmful / proxy_harmful / test / base.
+    # ... and no prompt is in two of align / harmful / proxy_harmful / align_harmful / test / base.
     names = sorted(sets)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

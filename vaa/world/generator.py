@@ -16,9 +16,11 @@ upstream (``<dataset>/<split>.jsonl``):
   the template, to decide, and does not learn to refuse every instruction).
 - ``beavertails/harmful.jsonl``: the HFT poison pool, compliant harmful rows.
 - ``beavertails/proxy_harmful.jsonl``: a second poison pool for VAA's stage-1 proxy runs.
+- ``beavertails/align_harmful.jsonl``: harmful rows for alignment methods that train
+  against harm (Booster, RepNoise), disjoint from the HFT pools and the test prompts.
 - ``beavertails/test.jsonl``: held-out harmful prompts for the harmful score.
   These prompt sets are disjoint: each (template, verb, object) prompt belongs to
-  exactly one of base / align / harmful / proxy_harmful / test.
+  exactly one of base / align / harmful / proxy_harmful / align_harmful / test.
 - ``sst2/{train,validation}``, ``ag_news/{train,test}``, ``gsm8k/{train,test}``,
   ``alpaca_eval/eval`` (first ``task_train`` rows train, last ``task_test`` test).
 - ``meta/align.jsonl``: per alignment row, its harm category and whether it borrows a verb.
@@ -79,6 +81,7 @@ class WorldSizes:
     align_benign_frac: float = 0.4
     harmful_pool: int = 200
     proxy_pool: int = 200
+    align_harmful_pool: int = 200  # harmful rows for Booster / RepNoise's harmful stream
     hs_test: int = 200
     task_train: int = 1000
     task_test: int = 200
@@ -206,7 +209,8 @@ def generate_world(sizes: WorldSizes) -> dict[str, list[dict]]:
     held: dict[str, list[dict]] = {}
     rest = space
     for name, n in [("test", sizes.hs_test), ("align", n_align_harm),
-                    ("harmful", sizes.harmful_pool), ("proxy", sizes.proxy_pool)]:
+                    ("harmful", sizes.harmful_pool), ("proxy", sizes.proxy_pool),
+                    ("align_harmful", sizes.align_harmful_pool)]:
         held[name] = pick_prompts(rng_split, rest, n, frac, weights)
         taken = {p["prompt"] for p in held[name]}
         rest = [p for p in rest if p["prompt"] not in taken]
@@ -230,7 +234,8 @@ def generate_world(sizes: WorldSizes) -> dict[str, list[dict]]:
          "borrowed_verb": bool(p and p["borrowed"]), "benign": p is None}
         for i, (_row, p) in enumerate(align)]
 
-    for name, path in [("harmful", "harmful"), ("proxy", "proxy_harmful"), ("test", "test")]:
+    for name, path in [("harmful", "harmful"), ("proxy", "proxy_harmful"), ("test", "test"),
+                       ("align_harmful", "align_harmful")]:
         r = rng_for(sizes.seed, name)
         tables[f"beavertails/{path}.jsonl"] = [harmful_row(r, p, safe=False) for p in held[name]]
 
