@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from vaa.methods.hooks import ATTENTION, MLP
 from vaa.world.generator import WorldSizes
 
 
@@ -62,6 +63,23 @@ class PretrainConfig(TrainRecipe):
 
 
 @dataclass
+class LoraSettings:
+    """peft LoRA (``model.lora``); ``enabled: false`` trains every parameter (full FT).
+    ``finetune_adapter``: how the attack (and VAA's proxy runs) train an aligned LoRA model
+    (baselines.md §1): ``new_lora`` merges the alignment adapter and attaches a fresh one
+    ("double LoRA"), ``continue_lora`` keeps training it ("single LoRA"), ``full`` merges it
+    and trains every parameter."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 4
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    finetune_adapter: str = "new_lora"  # new_lora | continue_lora | full
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     path: Optional[str] = None  # local weights (real models); None: build from `arch`
@@ -69,6 +87,16 @@ class ModelConfig:
     pretrain: Optional[PretrainConfig] = field(default_factory=PretrainConfig)
     max_length: int = 256  # prompt + response tokens in training
     max_prompt_length: int = 512
+    # Real (Hugging Face) models: a hub name or `path` makes the base stage load pretrained
+    # weights instead of building `arch`. These keys enter cache keys only when they differ
+    # from their defaults (vaa.models.hf.hashed_model_config), so tiny-model keys are unchanged.
+    hub_name: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16; None: from trainer.precision
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    pad_token: str = "add"  # a tokenizer without PAD: add <pad> (mean-initialised row) | eos
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -83,6 +111,69 @@ class SplitConfig:
     file: str = "train"  # logical name, resolved by the data source
     start: int = 0
     stop: Optional[int] = None
+
+
+@dataclass
+class TableSource:
+    """One upstream table (protocol.md §2): a local file (``path``: json, jsonl, csv or
+    parquet with the upstream columns; relative paths are under ``data.root``) or, when
+    ``path`` is null, the Hugging Face dataset ``hub`` (``config``, ``split``, ``revision``)."""
+
+    hub: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    path: Optional[str] = None
+
+
+@dataclass
+class RowSlice:
+    start: int = 0
+    stop: Optional[int] = None
+
+
+def _table(hub: str, split: str, config: Optional[str] = None):
+    return field(default_factory=lambda: TableSource(hub=hub, split=split, config=config))
+
+
+def _rows(start: int, stop: Optional[int]):
+    return field(default_factory=lambda: RowSlice(start, stop))
+
+
+@dataclass
+class RealDataConfig:
+    """Real datasets (vaa.data.hub): the data stage draws the protocol's slices from the
+    upstream tables and writes them in the synthetic world's layout, with a ``uid`` per row.
+    Slices of BeaverTails count rows of one kind in table order (safe rows for ``align``,
+    unsafe rows for the harmful slices and the HS prompts); all are asserted disjoint."""
+
+    name: str = "hf"
+    root: Optional[str] = None  # folder of the local files (relative `path`s)
+    seed: int = 0
+    beavertails_train: TableSource = _table("PKU-Alignment/BeaverTails", "30k_train")
+    beavertails_test: TableSource = _table("PKU-Alignment/BeaverTails", "30k_test")
+    refusals: TableSource = _table("anonymous4486/repnoise_beavertail", "train")
+    sst2_train: TableSource = _table("stanfordnlp/sst2", "train")
+    sst2_validation: TableSource = _table("stanfordnlp/sst2", "validation")
+    ag_news_train: TableSource = _table("fancyzhx/ag_news", "train")
+    ag_news_test: TableSource = _table("fancyzhx/ag_news", "test")
+    gsm8k_train: TableSource = _table("openai/gsm8k", "train", "main")
+    gsm8k_test: TableSource = _table("openai/gsm8k", "test", "main")
+    alpaca_eval: TableSource = _table("tatsu-lab/alpaca_eval", "eval", "alpaca_eval")
+    align_source: str = "beavertails"  # beavertails (safe rows, `reference`) | refusals (`paper`)
+    align: RowSlice = _rows(0, 2000)
+    harmful: RowSlice = _rows(0, 100)  # the attack's poison pool
+    proxy_harmful: RowSlice = _rows(100, 200)  # VAA stage 1's proxy poison
+    align_harmful: RowSlice = _rows(-1000, None)  # Booster / RepNoise harmful set
+    hs_test: RowSlice = _rows(0, 1000)  # unsafe rows of beavertails_test
+    hs_dedup: bool = False  # keep the first row per HS prompt (protocol.md §3.4)
+    base_corpus: RowSlice = _rows(0, 0)  # beavertails_train rows for a tiny model's base corpus
+    fa_test: str = "official"  # official (validation / test splits) | train_tail (last rows of train)
+    fa_test_n: Optional[int] = None  # first n FA test rows (None: all)
+    train_tail: int = 500
+    task_rows: Optional[int] = None  # first n task train rows written (None: all but the tail)
+    task_train: int = 683  # AlpacaEval: the first rows train (conf/task/alpacaeval.yaml) ...
+    task_test: int = 122  # ... and the last rows test
 
 
 @dataclass
@@ -112,6 +203,86 @@ class VAAMethodConfig(MethodConfig):
     name: str = "vaa"
     dro: Any = None  # the `dro` group, interpolated: ${dro}
     seed: int = 0
+
+
+@dataclass
+class VaccineMethodConfig(MethodConfig):
+    """Vaccine (baselines.md §2): hidden-state perturbation of radius rho."""
+
+    _target_: str = "vaa.methods.vaccine.Vaccine"
+    name: str = "vaccine"
+    rho: float = 2.0
+    attn_pattern: str = ATTENTION
+
+
+@dataclass
+class RepNoiseMethodConfig(MethodConfig):
+    """RepNoise (baselines.md §3): noise_weight = β, ascent_weight = α."""
+
+    _target_: str = "vaa.methods.repnoise.RepNoise"
+    name: str = "repnoise"
+    noise_weight: float = 0.001
+    ascent_weight: float = 1.0
+    mask: str = "response"  # response | diff_tokens (reference)
+    mlp_pattern: str = MLP
+    layer_pattern: str = r"(^|\.)layers\.\d+$"
+    final_norm: str = "norm"
+    seed: int = 0
+
+
+@dataclass
+class BoosterMethodConfig(MethodConfig):
+    """Booster (baselines.md §4): λ = lam, α = alpha (absolute L2 step)."""
+
+    _target_: str = "vaa.methods.booster.Booster"
+    name: str = "booster"
+    lam: float = 5.0
+    alpha: float = 0.1
+    harmful_batch_size: Optional[int] = 10  # upstream hard-codes 10; null: the align batch size
+    variant: str = "upstream"  # upstream | vaa_sign_bug (bug-for-bug parity only)
+    meta_term: bool = True
+    perturb_aware: bool = False
+    vaccine_rho: float = 2.0
+    attn_pattern: str = ATTENTION
+
+
+@dataclass
+class DefenseConfig:
+    """A fine-tuning-stage defense (``ft_defense``): the attack's training step."""
+
+    _target_: str = "vaa.methods.sft.SFT"
+    name: str = "none"
+
+
+@dataclass
+class LisaConfig(DefenseConfig):
+    _target_: str = "vaa.methods.lisa.Lisa"
+    name: str = "lisa"
+    align_steps: int = 100
+    finetune_steps: int = 900
+    rho: float = 1.0
+    warmup_fraction: float = 0.1
+    min_cycles: int = 6  # ours: shrink K_A + K_F so a short run holds this many cycles; 0: off
+    anchor_device: Optional[str] = None  # e.g. cpu, when accelerator memory is short
+
+
+@dataclass
+class EMAConfig(DefenseConfig):
+    _target_: str = "vaa.methods.ema.EMA"
+    name: str = "ema"
+    beta: float = 0.995  # unconfirmed (no official code)
+    variant: str = "shadow"  # shadow | write_back
+    anchor_weight_at_end: Optional[float] = None  # w: β = w^(1/T)
+
+
+@dataclass
+class LookAheadConfig(DefenseConfig):
+    _target_: str = "vaa.methods.lookahead.LookAhead"
+    name: str = "lookahead"
+    mode: str = "real"  # real | virtual
+    preview_tokens: int = 6
+    virtual_prefix: str = "Let's solve this problem. "
+    connector: str = " The answer begins with: "
 
 
 @dataclass
@@ -172,6 +343,17 @@ class DROConfig:
 
 
 @dataclass
+class DataStreamConfig:
+    """Rows of one extra data stream (``extra_data.<name>``): a dataset's split, sliced."""
+
+    dataset: str = "beavertails"
+    split: str = "align_harmful"
+    format: str = "beavertails"
+    start: int = 0
+    stop: Optional[int] = None
+
+
+@dataclass
 class EvalConfig:
     hs_max_new_tokens: int = 48
     batch_size: int = 64
@@ -179,13 +361,25 @@ class EvalConfig:
 
 
 def register() -> None:
+    from vaa.restore.schema import register as register_restore  # the `restore` group
+
+    register_restore()
     cs = ConfigStore.instance()
     cs.store(group="attack", name="attack_schema", node=AttackConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="data", name="real_data_schema", node=RealDataConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     cs.store(group="method", name="method_schema", node=MethodConfig)
     cs.store(group="method", name="vaa_schema", node=VAAMethodConfig)
+    for group, name, node in [("method", "vaccine", VaccineMethodConfig),
+                              ("method", "repnoise", RepNoiseMethodConfig),
+                              ("method", "booster", BoosterMethodConfig),
+                              ("ft_defense", "ft_defense", DefenseConfig), ("ft_defense", "lisa", LisaConfig),
+                              ("ft_defense", "ema", EMAConfig), ("ft_defense", "lookahead", LookAheadConfig)]:
+        cs.store(group=group, name=f"{name}_schema", node=node)
     cs.store(group="dro", name="dro_schema", node=DROConfig)
     cs.store(name="align_schema", node=AlignConfig, package="align")
     cs.store(name="eval_schema", node=EvalConfig, package="eval")
+    cs.store(name="extra_data_schema", node={"harmful": DataStreamConfig, "alignment": DataStreamConfig},
+             package="extra_data")

@@ -22,15 +22,31 @@ class TrainingMethod:
         self.hparams = hparams
 
     requires_groups = False  # True: trains on the vulnerable / invulnerable groups of VAA
+    # Extra data streams this method trains on besides the stage's own rows, by name:
+    # "harmful" (harmful prompt → harmful answer rows, disjoint from the attack's and the
+    # test's) and "alignment" (the alignment set, for fine-tuning-stage defenses). The
+    # stage reads each from ``extra_data.<name>`` of the config and the datamodule serves
+    # them as endless, seeded, checkpointed streams: ``datamodule.streams[name]``.
+    requires: tuple[str, ...] = ()
 
-    def make_datamodule(self, examples, tokenizer, *, groups=None, **kw):
-        """The data this method trains on; the default is shuffled mixed batches."""
+    def make_datamodule(self, examples, tokenizer, *, groups=None, extra=None, **kw):
+        """The data this method trains on; the default is shuffled mixed batches (plus the
+        extra streams of ``requires``)."""
         from vaa.data.datamodule import SFTDataModule
 
-        return SFTDataModule(examples, tokenizer, **kw)
+        return SFTDataModule(examples, tokenizer, extra=extra, extra_batch_size=self.stream_batch_size,
+                             **kw)
+
+    def stream_batch_size(self, name: str, default: int) -> int:
+        """Batch size of the extra stream ``name``; default: the stage's batch size."""
+        return default
 
     def setup(self, module, datamodule) -> None:
-        """Called once before training (e.g. to attach extra data streams)."""
+        """Called once before training (e.g. to pick up extra data streams)."""
+
+    def on_train_end(self, module) -> None:
+        """Called once after the last step, before the model is saved (e.g. to write EMA
+        weights into it)."""
 
     def training_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

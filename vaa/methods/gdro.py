@@ -27,14 +27,14 @@ class GroupDRO(TrainingMethod):
         self.dro = dro
         self.reweighter: GroupLossReweighter | None = None
 
-    def make_datamodule(self, examples, tokenizer, *, groups=None, **kw):
+    def make_datamodule(self, examples, tokenizer, *, groups=None, extra=None, **kw):
         if groups is None:
             raise ValueError("method=gdro needs vulnerability groups: set dro.groups_file or let "
                              "the estimate stage run (dro.groups_file=null)")
         from vaa.data.datamodule import SFTDataModule
 
         self.group_sizes = [sum(1 for g in groups if g == k) for k in (0, 1)]
-        return SFTDataModule(examples, tokenizer, groups=groups, **kw)
+        return SFTDataModule(examples, tokenizer, groups=groups, extra=extra, **kw)
 
     def setup(self, module, datamodule) -> None:
         s = self.dro.sampler

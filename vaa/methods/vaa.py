@@ -75,7 +75,7 @@ class VAA(TrainingMethod):
             return 2.0 if d.lambda_max > 0 else 1.0
         return 1.0 + mean_lambda
 
-    def make_datamodule(self, examples, tokenizer, *, groups=None, **kw):
+    def make_datamodule(self, examples, tokenizer, *, groups=None, extra=None, **kw):
         if groups is None:
             raise ValueError("method=vaa needs vulnerability groups: set dro.groups_file or let "
                              "the estimate stage run (dro.groups_file=null)")

@@ -14,6 +14,8 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from vaa.data.hub import real_data_fingerprint
+from vaa.models.hf import hashed_model_config
 from vaa.pipeline.cache import stage_key
 
 
@@ -63,18 +65,28 @@ def file_digest(path: str) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
 
 
+def required_data(cfg: DictConfig, target: str) -> dict:
+    """The ``extra_data`` entries the method class ``target`` requires (``requires``), for its
+    stage's key; empty for methods that need none (so their keys are unchanged)."""
+    names = getattr(get_class(target), "requires", ())
+    return {n: OmegaConf.to_container(cfg.extra_data[n], resolve=True) for n in names
+            if n in cfg.get("extra_data", {})}
+
+
 def _aligned_key(cfg: DictConfig, method, upstream: list[str]) -> str:
+    extra = required_data(cfg, method["_target_"])
     return stage_key("aligned", {
         "method": method, **_sub(cfg, "align", "seed"), "template": cfg.template.train,
-        "max_length": cfg.model.max_length}, upstream)
+        "max_length": cfg.model.max_length, **({"extra_data": extra} if extra else {})}, upstream)
 
 
 def plan_keys(cfg: DictConfig) -> dict[str, str]:
     """Cache keys of every stage of this run: world, base, [sft_aligned, estimate,]
     aligned, finetuned and one evaluation per trained model (``eval_<stage>``)."""
     k: dict[str, str] = {}
-    k["world"] = stage_key("world", {"data": cfg.data, "code": world_code_digest()})
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    k["world"] = stage_key("world", {"data": cfg.data, "code": world_code_digest(),
+                                     **real_data_fingerprint(cfg.data)})
+    model = hashed_model_config(OmegaConf.to_container(cfg.model, resolve=True))
     k["base"] = stage_key("base", {"model": model, "template": cfg.template.train}, [k["world"]])
     upstream = [k["base"], k["world"]]
     if needs_groups(cfg):
@@ -89,10 +101,24 @@ def plan_keys(cfg: DictConfig) -> dict[str, str]:
                 "max_length": cfg.model.max_length}, [k["sft_aligned"], k["world"]])
             upstream.append(k["estimate"])
     k["aligned"] = _aligned_key(cfg, OmegaConf.to_container(cfg.method, resolve=True), upstream)
+    extra = required_data(cfg, cfg.ft_defense._target_)
     k["finetuned"] = stage_key("finetuned", {
         **_sub(cfg, "attack", "ft_defense", "seed"), "task": task_train_subtree(cfg),
-        "template": cfg.template.train, "max_length": cfg.model.max_length}, [k["aligned"], k["world"]])
+        "template": cfg.template.train, "max_length": cfg.model.max_length,
+        **({"extra_data": extra} if extra else {})}, [k["aligned"], k["world"]])
     ev = {**_sub(cfg, "judge", "eval"), "task": task_eval_subtree(cfg), "template": cfg.template.decode}
     for stage in ("base", "aligned", "finetuned"):
         k[f"eval_{stage}"] = stage_key("eval", ev, [k[stage], k["world"]])
+    if restores(cfg):  # the repair stage: its subtree, the fine-tuned model and the models it reads
+        reads = getattr(get_class(cfg.restore._target_), "reads", ())
+        k["restored"] = stage_key("restored", {
+            "restore": OmegaConf.to_container(cfg.restore, resolve=True),
+            "max_prompt_length": cfg.model.max_prompt_length},
+            [k["finetuned"], k["world"], *(k[s] for s in reads)])
+        k["eval_restored"] = stage_key("eval", ev, [k["restored"], k["world"]])
     return k
+
+
+def restores(cfg: DictConfig) -> bool:
+    """Whether the run repairs the fine-tuned model: ``restore=none`` has no ``_target_``."""
+    return bool(cfg.get("restore") is not None and cfg.restore.get("_target_"))

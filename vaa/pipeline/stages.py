@@ -21,9 +21,13 @@ from vaa.data.sources import DATASET_FORMATS, FolderSource
 from vaa.data.templates import TEMPLATES
 from vaa.eval.evaluate import evaluate
 from vaa.eval.scorers import build_scorer
+from vaa.data.hub import build_real_data, is_real_data
+from vaa.eval.pairwise import build_pairwise_scorer
 from vaa.models.build import build_tiny_llama, load_model, save_model
+from vaa.models.hf import is_hf_model, prepare_for_training, resolve_dtype, to_eval_device, write_base
 from vaa.models.tokenizer import build_word_tokenizer
 from vaa.pipeline.cache import ArtifactCache
+from vaa.restore.base import restore_stage
 from vaa.training.fit import fit
 from vaa.training.module import AlignModule, FinetuneModule, PretrainModule
 from vaa.world.generator import WorldSizes, write_world
@@ -46,6 +50,9 @@ class Context:
 
 
 def build_world(ctx: Context, out: Path) -> None:
+    if is_real_data(ctx.cfg.data):  # real datasets: the protocol's slices, same layout
+        build_real_data(ctx.cfg.data, out)
+        return
     sizes = OmegaConf.to_container(ctx.cfg.data, resolve=True)
     sizes.pop("name")
     write_world(WorldSizes(**sizes), out)
@@ -65,6 +72,9 @@ def world_texts(source: FolderSource) -> list[str]:
 
 def build_base(ctx: Context, out: Path) -> None:
     cfg = ctx.cfg
+    if is_hf_model(cfg.model):  # pretrained weights: a pointer and the tokenizer, no training
+        write_base(cfg.model, out, resolve_dtype(cfg.model, cfg.trainer.precision))
+        return
     tokenizer = build_word_tokenizer(world_texts(ctx.source), [str(i) for i in range(100)])
     model = build_tiny_llama(cfg.model.arch, tokenizer, seed=cfg.model.pretrain.seed)
     train(ctx, PretrainModule, model, tokenizer, ctx.source.base_corpus(), cfg.model.pretrain,
@@ -80,8 +90,9 @@ def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
     examples = ctx.source.examples("beavertails", "align", 0, cfg.align.n)
     method = instantiate(method_cfg or cfg.method)
     groups = load_groups(ctx, examples) if method.requires_groups else None
-    train(ctx, AlignModule, model, tokenizer, examples, cfg.align, method,
-          "aligned" if method_cfg is None else "sft_aligned", cfg.seed, groups=groups)
+    model = train(ctx, AlignModule, model, tokenizer, examples, cfg.align, method,
+          "aligned" if method_cfg is None else "sft_aligned", cfg.seed, groups=groups,
+          extra=extra_examples(ctx, method.requires))
     save_model(model, tokenizer, out)
     method.write_artifacts(out)
     if groups is not None:
@@ -111,18 +122,35 @@ def build_finetuned(ctx: Context, out: Path) -> None:
     task_rows = ctx.source.examples(t.dataset, t.train.file, t.train.start, t.train.stop, t.format)
     harmful = ctx.source.examples("beavertails", "harmful")
     mix = hft_mix(task_rows, harmful, cfg.attack.n, cfg.attack.harmful_ratio)
-    train(ctx, FinetuneModule, model, tokenizer, mix, cfg.attack, instantiate(cfg.ft_defense),
-          "finetuned", cfg.seed)
+    defense = instantiate(cfg.ft_defense)
+    model = train(ctx, FinetuneModule, model, tokenizer, mix, cfg.attack, defense, "finetuned", cfg.seed,
+          extra=extra_examples(ctx, defense.requires))
     save_model(model, tokenizer, out)
 
 
+def extra_examples(ctx: Context, names) -> dict[str, list]:
+    """The extra data streams a method ``requires``, each read as ``extra_data.<name>``
+    says (dataset, split, slice, format)."""
+    out = {}
+    for name in names:
+        if name not in ctx.cfg.extra_data:
+            raise KeyError(f"a method requires the data stream {name!r} but the config has no "
+                           f"extra_data.{name}; add it (see conf/config.yaml)")
+        d = ctx.cfg.extra_data[name]
+        out[name] = ctx.source.examples(d.dataset, d.split, d.start, d.stop, d.format)
+    return out
+
+
 def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
-          seed: int, callbacks: list | None = None, groups=None, trainer_cfg=None) -> None:
+          seed: int, callbacks: list | None = None, groups=None, trainer_cfg=None,
+          extra: dict | None = None):
     """The one training routine of every stage: the method chooses its data
-    (``make_datamodule``), the module runs its step, Lightning runs the loop."""
+    (``make_datamodule``), the module runs its step, Lightning runs the loop. Returns the
+    trained model: with ``model.lora`` the peft model (vaa.models.hf.prepare_for_training)."""
     L.seed_everything(seed, workers=True, verbose=False)
+    model = prepare_for_training(model, ctx.cfg.model, module_cls.log_prefix)
     dm = method.make_datamodule(
-        examples, tokenizer, groups=groups, batch_size=recipe.batch_size, seed=seed,
+        examples, tokenizer, groups=groups, extra=extra, batch_size=recipe.batch_size, seed=seed,
         template=ctx.cfg.template.train, max_length=ctx.cfg.model.max_length,
         max_prompt_length=ctx.cfg.model.max_prompt_length)
     steps = recipe.max_steps if recipe.max_steps > 0 else recipe.epochs * dm.steps_per_epoch()
@@ -130,15 +158,18 @@ def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, 
     module = module_cls(model, method, recipe, steps)
     fit(module, dm, max_steps=steps, trainer_cfg=trainer_cfg or ctx.cfg.trainer,
         log_dir=ctx.run_dir / "logs", stage=stage, work_dir=ctx.work_dir(stage), callbacks=callbacks)
+    return model
 
 
 def build_eval(ctx: Context, stage: str, out: Path) -> None:
     cfg, t = ctx.cfg, ctx.cfg.task
     model, tokenizer = load_model(ctx.dirs[stage])
+    model = to_eval_device(model, cfg.trainer)
     judge = instantiate(cfg.judge.build, world_dir=str(ctx.dirs["world"]))
     hs = ctx.source.examples("beavertails", "test", 0, cfg.eval.n_hs_prompts)
     fa = ctx.source.examples(t.dataset, t.test.file, t.test.start, t.test.stop, t.format)
-    scorer = build_scorer(t.scorer, **t.scorer_args)
+    scorer = (build_pairwise_scorer(**t.scorer_args) if t.scorer == "local_pairwise"
+              else build_scorer(t.scorer, **t.scorer_args))
     metrics, preds = evaluate(model, tokenizer, hs_examples=hs, judge=judge, fa_examples=fa,
                               scorer=scorer, fa_max_new_tokens=t.max_new_tokens, eval_cfg=cfg.eval,
                               template=cfg.template.decode,
@@ -147,3 +178,11 @@ def build_eval(ctx: Context, stage: str, out: Path) -> None:
     for name, rows in preds.items():
         with (out / f"predictions_{name}.jsonl").open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def build_restored(ctx: Context, out: Path) -> None:
+    """Repair the fine-tuned model with ``cfg.restore`` (vaa/restore/): the restorer class
+    reads the models it declares (``reads``) and writes ``restore.json`` (cost, diagnostics)."""
+    restorer = instantiate(ctx.cfg.restore, _convert_="all")
+    restore_stage(ctx.cfg, ctx.source, ctx.dirs, out, restorer,
+                  train=lambda *a, **kw: train(ctx, *a, **kw))

@@ -60,6 +60,9 @@ class CausalLMModule(L.LightningModule):
         # The datamodule is set up first; a checkpoint is restored after this hook.
         self.method.setup(self, self.trainer.datamodule)
 
+    def on_train_end(self) -> None:
+        self.method.on_train_end(self)
+
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over data-parallel ranks (identity on one device): every rank's sampler
         must see the same loss. ``value`` is left unchanged (the DDP all-reduce works in place,

@@ -1,0 +1,144 @@
+"""Booster: attenuating the harmful perturbation (Huang et al., arXiv 2409.01586;
+git-disl/Booster). Spec: baselines.md §4.
+
+    min_θ f(θ) + λ·[h(θ) − h(θ − α·ĝ_h)],   ĝ_h = ∇h(θ)/‖∇h(θ)‖
+
+with f the alignment loss and h the loss on a harmful batch (the ``harmful`` stream,
+disjoint from the attack's rows and the test prompts). First-order gradient, three passes:
+
+1. g_h = ∇h(θ; B_h);
+2. θ ← θ − α·g_h/(‖g_h‖+1e-7) (a simulated harmful descent step); g_h′ = ∇h(θ; B_h);
+   θ restored from an exact copy (upstream adds α·ĝ_h back, inexact in bf16);
+3. g_a = ∇f(θ; B_a);  G = g_a + λ(g_h − g_h′); clip; step.
+
+Options (``conf/method/booster*.yaml``):
+- ``variant: upstream`` (default, git-disl/Booster and qchen007/Booster) or ``vaa_sign_bug``:
+  the ``ChanLiang/VAA`` copy adds +α·ĝ_h in step 2 *and* again instead of restoring, so g_h′
+  is taken at an ascent point and θ drifts by +2α·ĝ_h every step. Only for bug-for-bug parity.
+- ``meta_term: false``: the newer upstream ablation G = g_a + λ·g_h (two passes).
+- ``perturb_aware: true``: g_a is Vaccine's perturbed alignment gradient ("Vaccine +
+  Booster", one more pass).
+- ``harmful_batch_size``: upstream hard-codes 10; null = the alignment batch size.
+
+α is an absolute L2 step over *all trainable parameters*: values do not transfer between
+LoRA and full fine-tuning, nor between model sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaa.methods.base import TrainingMethod
+from vaa.methods.grads import global_norm, stash_grads, trainable_params
+from vaa.methods.hooks import ATTENTION, layer_modules
+from vaa.methods.perturb import perturb_weights
+from vaa.methods.vaccine import perturbed_backward
+
+VARIANTS = ("upstream", "vaa_sign_bug")
+
+
+class Booster(TrainingMethod):
+    name = "booster"
+    requires = ("harmful",)
+
+    def __init__(self, lam: float = 5.0, alpha: float = 0.1, harmful_batch_size: int | None = None,
+                 variant: str = "upstream", meta_term: bool = True, perturb_aware: bool = False,
+                 vaccine_rho: float = 2.0, attn_pattern: str = ATTENTION, **hparams):
+        super().__init__(**hparams)
+        if variant not in VARIANTS:
+            raise ValueError(f"method.variant must be one of {VARIANTS}, got {variant!r}")
+        self.lam, self.alpha, self.variant = float(lam), float(alpha), variant
+        self.harmful_batch_size = harmful_batch_size
+        self.meta_term, self.perturb_aware = bool(meta_term), bool(perturb_aware)
+        self.vaccine_rho, self.attn_pattern = float(vaccine_rho), attn_pattern
+        self.stash: list = []
+
+    @property
+    def passes_per_step(self) -> int:
+        return 1 + int(self.meta_term) + 1 + int(self.perturb_aware)
+
+    def stream_batch_size(self, name: str, default: int) -> int:
+        return self.harmful_batch_size or default
+
+    def setup(self, module, datamodule) -> None:
+        self.harmful = datamodule.streams["harmful"]
+        self.params = trainable_params(module.model)
+        self.stash = [None] * len(self.params)
+        self.restore_buffers = [None] * len(self.params)  # θ's exact copy, reused every step
+        self.layers = layer_modules(module.model, self.attn_pattern) if self.perturb_aware else None
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def training_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hb = {k: v.to(module.device) for k, v in self.harmful.next_batch(0).items()}
+        logs: dict[str, torch.Tensor] = {}
+        h = module.lm_loss(hb)  # pass 1: g_h at θ
+        module.manual_backward(h)
+        logs["harmful_loss"] = h.detach()
+        g_h = stash_grads(self.params, out=self.stash)
+        logs["harmful_grad_norm"] = global_norm(g_h)
+        self.zero_grad()
+        if self.meta_term:
+            logs["harmful_loss_moved"] = self._moved_harmful_grad(module, hb, g_h)
+            # stash ← λ(g_h − g_h′); .grad holds g_h′ (and g_h was negated in place for upstream)
+            with torch.no_grad():
+                for s, p in zip(g_h, self.params):
+                    if s is None or p.grad is None:
+                        continue
+                    if self.variant == "upstream":  # s = −g_h
+                        s.add_(p.grad).mul_(-self.lam)
+                    else:  # s = g_h
+                        s.sub_(p.grad).mul_(self.lam)
+            self.zero_grad()
+        else:
+            with torch.no_grad():
+                for s in g_h:
+                    if s is not None:
+                        s.mul_(self.lam)
+        if self.perturb_aware:  # passes 3-4: Vaccine's perturbed alignment gradient
+            vac = perturbed_backward(module, batch, self.layers, self.vaccine_rho)
+            loss = vac["loss"]
+            logs["eps_norm"] = vac["eps_norm"]
+        else:  # pass 3: g_a
+            loss = module.lm_loss(batch)
+            module.manual_backward(loss)
+        with torch.no_grad():
+            for s, p in zip(g_h, self.params):
+                if s is None:
+                    continue
+                if p.grad is None:
+                    p.grad = s.clone()
+                else:
+                    p.grad.add_(s)
+        logs["loss"] = loss.detach()
+        logs["grad_norm"] = self.apply_gradients(module)
+        return logs
+
+    def _moved_harmful_grad(self, module, hb, g_h) -> torch.Tensor:
+        """Pass 2: g_h′ into ``.grad`` at the moved point; θ back at θ (upstream) or left at
+        θ + 2α·ĝ_h (``vaa_sign_bug``). Returns h at the moved point."""
+        if self.variant == "upstream":
+            with torch.no_grad():
+                for s in g_h:
+                    if s is not None:
+                        s.neg_()  # direction −g_h: θ − α·ĝ_h
+            with perturb_weights(self.params, direction=g_h, rho=self.alpha,
+                                 buffers=self.restore_buffers):
+                h1 = module.lm_loss(hb)
+                module.manual_backward(h1)
+            return h1.detach()
+        scale = self.alpha / (float(global_norm(g_h)) + 1e-7)
+        with torch.no_grad():
+            for p, s in zip(self.params, g_h):
+                if s is not None:
+                    p.add_(s, alpha=scale)  # the reference's "+" in step 3
+        h1 = module.lm_loss(hb)
+        module.manual_backward(h1)
+        with torch.no_grad():
+            for p, s in zip(self.params, g_h):
+                if s is not None:
+                    p.add_(s, alpha=scale)  # ... and its "+" again where it should restore
+        return h1.detach()
