@@ -28,6 +28,11 @@ class FolderSource:
             p = self.root / dataset / f"{split}{ext}"
             if p.is_file():
                 return p
+        missing = self.root / dataset / "MISSING.txt"  # a real table the data stage could not read
+        if missing.is_file():
+            from vaa.models.hub import MissingResource
+
+            raise MissingResource(missing.read_text())
         raise FileNotFoundError(
             f"no file for dataset {dataset!r} split {split!r} under {self.root}: expected "
             f"{self.root / dataset / split}{{{','.join(EXTENSIONS)}}}")

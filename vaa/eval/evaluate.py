@@ -32,10 +32,16 @@ def evaluate(model, tokenizer, *, hs_examples: Sequence[Example], judge: Judge,
     flags, scores = judge.score(prompts, hs_answers)
     fa_answers = answers(model, tokenizer, fa_examples, max_new_tokens=fa_max_new_tokens,
                          description="task test", **kw)
-    correct = [bool(scorer(a, ex.output)) for a, ex in zip(fa_answers, fa_examples)]
+    if hasattr(scorer, "score_batch"):  # set-level scorers (AlpacaEval's pairwise judge)
+        correct = [bool(c) for c in scorer.score_batch(
+            [ex.input for ex in fa_examples], fa_answers, [ex.output for ex in fa_examples])]
+        fa = 100.0 * sum(correct) / len(correct)
+    else:
+        correct = [bool(scorer(a, ex.output)) for a, ex in zip(fa_answers, fa_examples)]
+        fa = accuracy(scorer, fa_answers, [ex.output for ex in fa_examples])
     metrics = {
         "harmful_score": 100.0 * sum(flags) / len(flags),
-        "finetune_accuracy": accuracy(scorer, fa_answers, [ex.output for ex in fa_examples]),
+        "finetune_accuracy": fa,
         "n_hs": len(flags), "n_fa": len(correct),
     }
     preds = {

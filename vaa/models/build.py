@@ -34,17 +34,32 @@ def build_tiny_llama(arch, tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 
 def save_model(model, tokenizer, path: str | Path) -> None:
+    """A whole model (safetensors), or with LoRA only its adapters (vaa.models.hf)."""
+    from vaa.models.hf import is_peft, save_adapter_artifact
+
+    if is_peft(model):
+        save_adapter_artifact(model, tokenizer, Path(path))
+        return
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from a local directory written by ``save_model``."""
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local directory written by ``save_model`` or by the base stage
+    of a real model (``lineage.json``: base weights + adapters, see vaa.models.hf). ``dtype``:
+    None keeps each artifact's own (fp32 for whole checkpoints)."""
+    from vaa.models.hf import LINEAGE, load_lineage, mark_full
+
     p = Path(path)
+    if (p / LINEAGE).is_file():
+        return load_lineage(p, dtype if isinstance(dtype, str) or dtype is None
+                            else str(dtype).removeprefix("torch."))
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no model at {p} (expected config.json); set model.path to a "
                                 f"local model directory")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
+    mark_full(model, p, str(dtype).removeprefix("torch."))
     return model, tokenizer
