@@ -13,6 +13,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from vaa.tracking import active_lightning_logger
+
 
 def fit(module, datamodule, *, max_steps: int, trainer_cfg, log_dir: Path, stage: str,
         work_dir: Path | None = None, extra_logger=None, callbacks: list | None = None) -> None:
@@ -24,6 +26,8 @@ def fit(module, datamodule, *, max_steps: int, trainer_cfg, log_dir: Path, stage
         if (work_dir / "last.ckpt").is_file():
             ckpt_path = str(work_dir / "last.ckpt")
     loggers = [CSVLogger(save_dir=str(log_dir), name=stage, version="")]
+    if extra_logger is None:  # the job's tracker run (logger=wandb), if one is active
+        extra_logger = active_lightning_logger()
     if extra_logger is not None:
         loggers.append(extra_logger)
     trainer = L.Trainer(

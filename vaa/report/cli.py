@@ -1,0 +1,35 @@
+"""``vaa-report DIR [--out OUT] [--columns KEY]``: the paper's table from a sweep."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="vaa-report",
+        description="Collect every metrics.json under DIR into the paper's table "
+                    "(report.md, report.csv, report.tex, report.png).")
+    p.add_argument("dir", help="a sweep directory (e.g. outputs/multirun/<date>/<time>) or any parent")
+    p.add_argument("--out", default=None, help="where to write the report (default: DIR)")
+    p.add_argument("--columns", default=None,
+                   help="what the columns are: 'task' (default), or a swept setting such as "
+                        "attack.harmful_ratio (chosen automatically when the sweep has one task "
+                        "and varies one other setting)")
+    p.add_argument("--no-figures", action="store_true", help="skip report.png")
+    args = p.parse_args(argv)
+    from vaa.report import write_report
+
+    try:
+        result = write_report(args.dir, args.out, columns=args.columns, figures=not args.no_figures)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print("wrote " + ", ".join(str(x) for x in result["paths"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

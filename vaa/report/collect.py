@@ -1,0 +1,145 @@
+"""Find the jobs of one or more sweeps under a directory and read what each produced.
+
+A job is a directory with ``metrics.json`` (finished), ``failed.json`` (the job raised; see
+``vaa.cli``) or only Hydra's ``.hydra/config.yaml`` (killed, timed out, or still running).
+Labels (method, task, seed, settings) come from ``metrics.json`` when it exists and from
+the saved config otherwise, so a failed job still has a place in the table: an empty one.
+Nothing here raises on a broken job; it becomes a job with ``status != "ok"`` and an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Label keys of a row or column; every other override that varies across jobs is a setting.
+IDENTITY_KEYS = ("method", "ft_defense", "restore", "task", "seed")
+# Overrides that say where or how a job ran, never what it computed.
+IGNORED_PREFIXES = ("hydra", "paths", "logger", "trainer", "experiment")
+
+
+@dataclass
+class Job:
+    dir: Path
+    status: str  # ok | failed | incomplete
+    method: str | None = None
+    ft_defense: str = "none"
+    restore: str = "none"
+    task: str | None = None
+    seed: int | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
+    metrics: dict | None = None
+    error: str | None = None
+    cfg: object = None  # the saved (unresolved) config, to read settings not overridden
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def setting(self, key: str) -> str | None:
+        """A config value as a string: the job's override if it has one, else the config's."""
+        if key in self.overrides:
+            return self.overrides[key]
+        if key in ("method", "ft_defense", "restore", "task", "seed"):
+            v = getattr(self, key)
+            return None if v is None else str(v)
+        if self.cfg is None:
+            return None
+        try:
+            v = OmegaConf.select(self.cfg, key, default=None)
+        except Exception:  # an interpolation that cannot resolve outside its run
+            return None
+        return None if v is None else str(v)
+
+
+def job_dirs(root: Path) -> list[Path]:
+    dirs = {p.parent for name in ("metrics.json", "failed.json") for p in root.rglob(name)}
+    dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    # predictions/ or logs/ never hold these names; a wandb/ tree never either
+    return sorted(dirs, key=lambda p: (len(p.parts), str(p)))
+
+
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable {path.name}: {e}"
+
+
+def _parse_overrides(lines) -> dict[str, str]:
+    out = {}
+    for o in lines or []:
+        key, sep, value = str(o).lstrip("+~").partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def read_job(d: Path) -> Job:
+    cfg, overrides = None, {}
+    if (d / ".hydra" / "config.yaml").is_file():
+        try:
+            cfg = OmegaConf.load(d / ".hydra" / "config.yaml")
+        except Exception as e:  # noqa: BLE001 - a broken file is a broken job, not a crash
+            log.warning("%s: unreadable .hydra/config.yaml (%s)", d, e)
+    if (d / ".hydra" / "overrides.yaml").is_file():
+        try:
+            overrides = _parse_overrides(OmegaConf.to_container(OmegaConf.load(d / ".hydra" / "overrides.yaml")))
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: unreadable .hydra/overrides.yaml (%s)", d, e)
+    job = Job(dir=d, status="incomplete", overrides=overrides, cfg=cfg,
+              error="no metrics.json (killed, timed out, or still running)")
+
+    def from_cfg(key: str, default=None):
+        if cfg is None:
+            return default
+        try:
+            v = OmegaConf.select(cfg, key, default=default)
+        except Exception:  # noqa: BLE001
+            return default
+        return default if v is None else v
+
+    job.method, job.task, job.seed = from_cfg("method.name"), from_cfg("task.name"), from_cfg("seed")
+    job.ft_defense = from_cfg("ft_defense.name", "none")
+    job.restore = from_cfg("restore.name", "none")
+    if (d / "metrics.json").is_file():
+        metrics, err = _read_json(d / "metrics.json")
+        if metrics is not None and "harmful_score" in metrics and "finetune_accuracy" in metrics:
+            job.status, job.metrics, job.error = "ok", metrics, None
+            job.method = metrics.get("method", job.method)
+            job.task = metrics.get("task", job.task)
+            job.seed = metrics.get("seed", job.seed)
+            job.ft_defense = metrics.get("ft_defense") or job.ft_defense
+            job.restore = metrics.get("restore") or job.restore
+            return job
+        job.status, job.error = "failed", err or "metrics.json lacks harmful_score / finetune_accuracy"
+    if (d / "failed.json").is_file():
+        rec, err = _read_json(d / "failed.json")
+        job.status = "failed"
+        job.error = (rec or {}).get("error") or err
+        for key in ("method", "task", "seed", "ft_defense"):
+            if getattr(job, key) in (None, "none") and (rec or {}).get(key) is not None:
+                setattr(job, key, rec[key])
+    return job
+
+
+def collect(root: str | Path) -> list[Job]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"vaa-report: {root} is not a directory (give a sweep directory, "
+                                "e.g. outputs/multirun/<date>/<time>)")
+    return [read_job(d) for d in job_dirs(root)]
+
+
+def varying_settings(jobs: list[Job]) -> list[str]:
+    """Override keys (other than the row / column labels) whose value differs across jobs:
+    they must label rows or columns, or the table would average different settings."""
+    keys = sorted({k for j in jobs for k in j.overrides})
+    keys = [k for k in keys if k not in IDENTITY_KEYS and not k.startswith(IGNORED_PREFIXES)]
+    return [k for k in keys if len({j.setting(k) for j in jobs}) > 1]

@@ -1,0 +1,169 @@
+"""The paper's table from a sweep's jobs: rows methods, columns tasks (or one swept
+setting), harmful score (HS) and fine-tune accuracy (FA) per cell, an average column,
+mean ± std over seeds (sample std, n − 1; a single seed has no std).
+
+A cell is keyed by (row, column) and holds one value per seed from the jobs that finished;
+a failed or unfinished job adds nothing to it, so its cell (or its seed) is missing, never
+a zero. The average column averages each seed's row over all columns, for the seeds that
+have every column, then takes mean ± std over those seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from vaa.report.collect import Job, varying_settings
+
+METHOD_ORDER = ("sft", "vaa", "vaccine", "repnoise", "booster", "gdro")
+TASK_ORDER = ("sst2", "agnews", "gsm8k", "alpacaeval")
+DISPLAY = {"sft": "SFT", "vaa": "VAA", "vaccine": "Vaccine", "repnoise": "RepNoise",
+           "booster": "Booster", "gdro": "GDRO", "lisa": "Lisa", "ema": "EMA",
+           "lookahead": "LookAhead", "sst2": "SST2", "agnews": "AG News", "gsm8k": "GSM8K",
+           "alpacaeval": "AlpacaEval"}
+AVG = "avg"
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # None for one value
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat | None:
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return cls(statistics.fmean(values), std, len(values))
+
+
+@dataclass
+class Table:
+    column_key: str  # "task" or the swept setting the columns are
+    rows: list[str]
+    columns: list[str]  # without the average
+    hs: dict[tuple[str, str], Stat | None] = field(default_factory=dict)  # (row, col|AVG)
+    fa: dict[tuple[str, str], Stat | None] = field(default_factory=dict)
+    # row → stage → HS: each seed's mean over the columns, then mean ± std over seeds
+    before_after: dict[str, dict[str, Stat | None]] = field(default_factory=dict)
+    n_seeds: int = 0  # the most seeds any cell has
+    jobs: list[Job] = field(default_factory=list)
+    row_keys: list[str] = field(default_factory=list)  # settings folded into row labels
+    row_info: dict[str, dict] = field(default_factory=dict)  # row → method, ft_defense, restore
+
+
+def row_label(job: Job, settings: list[str]) -> str:
+    label = job.method or "?"
+    if job.ft_defense not in (None, "none"):
+        label += f"+{job.ft_defense}"
+    if job.restore not in (None, "none"):
+        label += f"+{job.restore}"
+    return label + "".join(f" {k.rsplit('.', 1)[-1]}={job.setting(k)}" for k in settings)
+
+
+def column_label(job: Job, column_key: str) -> str:
+    value = job.setting(column_key)
+    return str(value) if column_key == "task" else f"{column_key.rsplit('.', 1)[-1]}={value}"
+
+
+def _order(values, canonical=()) -> list[str]:
+    def key(v: str):
+        head = v.split(" ", 1)[0].split("+", 1)[0]
+        tail = v.split("=", 1)[-1] if "=" in v else v
+        try:
+            num = float(tail)
+        except ValueError:
+            num = math.inf
+        return (canonical.index(head) if head in canonical else len(canonical), head, num, v)
+    return sorted(values, key=key)
+
+
+def choose_columns(jobs: list[Job], columns: str | None) -> str:
+    """``task`` unless asked otherwise, or unless the sweep has one task and varies exactly
+    one other setting (a harmful-ratio or epoch sweep): then that setting."""
+    if columns:
+        return columns
+    settings = varying_settings(jobs)
+    tasks = {j.task for j in jobs}
+    return settings[0] if len(tasks) == 1 and len(settings) == 1 else "task"
+
+
+def build_table(jobs: list[Job], columns: str | None = None) -> Table:
+    column_key = choose_columns(jobs, columns)
+    settings = [k for k in varying_settings(jobs) if k != column_key]
+    if column_key != "task" and len({j.task for j in jobs}) > 1:
+        settings.append("task")  # never average over tasks silently
+    cells: dict[tuple[str, str], dict] = {}  # (row, col) → seed → job (latest wins)
+    rows, cols = set(), set()
+    for job in jobs:
+        r, c = row_label(job, settings), column_label(job, column_key)
+        rows.add(r)
+        cols.add(c)
+        if job.ok:
+            seeds = cells.setdefault((r, c), {})
+            prev = seeds.get(job.seed)
+            if prev is None or (job.dir / "metrics.json").stat().st_mtime >= (prev.dir / "metrics.json").stat().st_mtime:
+                seeds[job.seed] = job
+    t = Table(column_key=column_key, rows=_order(rows, METHOD_ORDER),
+              columns=_order(cols, TASK_ORDER), jobs=jobs, row_keys=settings,
+              row_info={row_label(j, settings): {"method": j.method, "ft_defense": j.ft_defense,
+                                                 "restore": j.restore} for j in jobs})
+    for r in t.rows:
+        per_seed_avg: dict[str, list[tuple[float, float]]] = {}
+        for c in t.columns:
+            seeds = cells.get((r, c), {})
+            t.hs[r, c] = Stat.of([j.metrics["harmful_score"] for j in seeds.values()])
+            t.fa[r, c] = Stat.of([j.metrics["finetune_accuracy"] for j in seeds.values()])
+            t.n_seeds = max(t.n_seeds, len(seeds))
+            for s, j in seeds.items():
+                per_seed_avg.setdefault(s, []).append((j.metrics["harmful_score"], j.metrics["finetune_accuracy"]))
+        complete = [v for v in per_seed_avg.values() if len(v) == len(t.columns)]
+        t.hs[r, AVG] = Stat.of([statistics.fmean(h for h, _ in v) for v in complete])
+        t.fa[r, AVG] = Stat.of([statistics.fmean(f for _, f in v) for v in complete])
+        by_seed: dict = {}  # seed → that seed's jobs of this row (all columns)
+        for c in t.columns:
+            for s, j in cells.get((r, c), {}).items():
+                by_seed.setdefault(s, []).append(j)
+        t.before_after[r] = {stage: Stat.of([
+            statistics.fmean(j.metrics["stages"][stage]["harmful_score"] for j in js)
+            for js in by_seed.values() if all((j.metrics.get("stages") or {}).get(stage) for j in js)])
+            for stage in ("aligned", "finetuned", "restored")}
+    return t
+
+
+def cache_summary(jobs: list[Job]) -> dict:
+    """How often each training stage was built vs served by the stage cache across the sweep
+    (``stages.<name>.cached`` of each finished job; VAA's SFT stage 1 when recorded), and
+    how many distinct artifacts (cache keys) the jobs needed."""
+    out = {}
+    for stage in ("base", "aligned", "finetuned"):
+        built = hits = 0
+        keys = set()
+        for j in jobs:
+            m = (j.metrics or {}).get("stages", {}).get(stage) if j.ok else None
+            if not m:
+                continue
+            keys.add(m.get("cache_key"))
+            built += not m.get("cached", False)
+            hits += bool(m.get("cached", False))
+        out[stage] = {"built": built, "cache_hits": hits, "distinct": len(keys)}
+    # alignment trainings also include VAA's stage-1 SFT model (same artifact as method=sft's)
+    extra_built = extra_hits = 0
+    align_keys = {(j.metrics["stages"].get("aligned") or {}).get("cache_key") for j in jobs if j.ok}
+    for j in jobs:
+        if not j.ok:
+            continue
+        key = (j.metrics.get("cache_keys") or {}).get("sft_aligned")
+        cached = (j.metrics.get("cached") or {}).get("sft_aligned")
+        if key is None or cached is None:
+            continue
+        align_keys.add(key)
+        extra_built += not cached
+        extra_hits += bool(cached)
+    align_keys.discard(None)
+    out["alignment_trainings"] = {"built": out["aligned"]["built"] + extra_built,
+                                  "cache_hits": out["aligned"]["cache_hits"] + extra_hits,
+                                  "distinct": len(align_keys)}
+    return out
