@@ -1,0 +1,233 @@
+"""Maths of the post-fine-tuning repairs (vaa/restore/): inverse-HVP solvers against dense
+solves, the trust-region / influence step against its closed form on a quadratic problem,
+Gauss-Newton = Hessian where the network is linear, K-FAC statistics, and each weight-space
+repair (merge endpoints, SafeLoRA selection, Antidote's pruned fraction, fake quantisation)
+on small models built here (no training, no files)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vaa.restore import curvature_ops as C
+from vaa.restore.antidote import Antidote, row_topk_mask
+from vaa.restore.merge import Merge
+from vaa.restore.q_realign import fake_quant
+from vaa.restore.safelora import SafeLoRA
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dense(matvec, dim: int) -> torch.Tensor:
+    return torch.stack([matvec(e) for e in torch.eye(dim)], 1)
+
+
+# --------------------------------------------------------------------------- quadratic problem
+def regression(seed=0, n=40, d=6):
+    """L_t(w) = mean ½(x·w − y)², minimised exactly at w*; L_h(w) = mean ½(x_h·w − y_h)²."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, d, generator=g), torch.randn(n, generator=g)
+    xh, yh = torch.randn(10, d, generator=g), torch.randn(10, generator=g) + 3
+    w_star = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
+    w = torch.nn.Parameter(w_star.clone())
+    lt = [(lambda: 0.5 * ((x @ w - y) ** 2).mean(), 1.0)]
+    lh = [(lambda: 0.5 * ((xh @ w - yh) ** 2).mean(), 1.0)]
+    return w, lt, lh, x.T @ x / n, xh
+
+
+@pytest.mark.parametrize("solver", ["cg", "lbfgs"])
+def test_inverse_hvp_solvers_match_dense_solve(solver):
+    w, lt, lh, h, _ = regression()
+    lam = 1e-2
+    g, _ = C.gradient(lh, [w])
+    mv = lambda v: C.hvp_exact(lt, [w], v) + lam * v  # noqa: E731
+    x, _ = (C.cg_solve(mv, g, 50, 1e-10) if solver == "cg" else C.lbfgs_solve(mv, g, 100))
+    ref = torch.linalg.solve(h + lam * torch.eye(len(g)), g)
+    assert torch.allclose(x, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_trust_region_step_is_the_exact_newton_step_and_spends_delta():
+    """Δ = η·H⁻¹g with η = sqrt(2δ / gᵀH⁻¹g): the closed form, and at the task optimum the
+    task loss rises by exactly δ (the loss is quadratic)."""
+    w, lt, lh, h, _ = regression()
+    delta = 0.05
+    g, _ = C.gradient(lh, [w])
+    x, _ = C.cg_solve(lambda v: C.hvp_exact(lt, [w], v), g, 50, 1e-12)
+    eta = math.sqrt(2 * delta / float(g @ x))
+    before = float(lt[0][0]().detach())
+    C.add_([w], x, eta)
+    newton = torch.linalg.solve(h, g)
+    expected = math.sqrt(2 * delta / float(g @ newton)) * newton
+    assert torch.allclose(eta * x, expected, atol=1e-5)
+    assert float(lt[0][0]().detach()) - before == pytest.approx(delta, rel=1e-4)
+    # among steps with the same task cost, it raises the harmful loss most (to first order)
+    assert float(g @ (eta * x)) >= float(g @ (math.sqrt(2 * delta / float(g @ h @ g)) * g)) - 1e-6
+
+
+def test_influence_step_matches_closed_form():
+    w, lt, lh, h, xh = regression(seed=1)
+    w0, lam, n = w.detach().clone(), 1e-3, 1000
+    g, _ = C.gradient(lh, [w])
+    x, _ = C.cg_solve(lambda v: C.hvp_exact(lt, [w], v) + lam * v, g, 50, 1e-12)
+    C.add_([w], x, len(xh) / n)
+    # removing the n_h harmful points: +(1/n) H⁻¹ Σ ∇ℓ(z) = (n_h/n) H⁻¹ ∇L_h
+    ref = w0 + (len(xh) / n) * torch.linalg.solve(h + lam * torch.eye(len(g)), g)
+    assert torch.allclose(w.detach(), ref, atol=1e-6)
+
+
+def test_cg_stops_at_negative_curvature():
+    a = torch.diag(torch.tensor([1.0, -2.0, 3.0]))
+    b = torch.tensor([1.0, 1.0, 1.0])
+    x, info = C.cg_solve(lambda v: a @ v, b, 10)
+    assert info["negative_curvature"] and torch.isfinite(x).all()
+
+
+# --------------------------------------------------------------------------- GGN, Fisher, K-FAC
+def test_ggn_equals_hessian_for_a_linear_softmax_model():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g), torch.randint(0, 4, (12,), generator=g)
+    w = torch.nn.Parameter(0.3 * torch.randn(4, 5, generator=g))
+    loss = [(lambda: torch.nn.functional.cross_entropy(x @ w.T, y), 1.0)]
+    logits = [(lambda: (x @ w.T, y), 1.0)]
+    hess = dense(lambda v: C.hvp_exact(loss, [w], v), 20)
+    ggn = dense(lambda v: C.ggn_vp(logits, [w], v), 20)
+    assert torch.allclose(hess, ggn, atol=1e-6)
+    assert torch.linalg.eigvalsh((ggn + ggn.T) / 2).min() > -1e-6  # PSD
+
+
+def test_diag_fisher_is_the_mean_squared_per_example_gradient():
+    w, lt, _, _, _ = regression()
+    x, y = torch.randn(3, 6), torch.randn(3)
+    rows = [lambda i=i: 0.5 * (x[i] @ w - y[i]) ** 2 for i in range(3)]
+    f = C.diag_fisher(rows, [w])
+    ref = torch.stack([((x[i] @ w - y[i]) * x[i]) ** 2 for i in range(3)]).mean(0)
+    assert torch.allclose(f, ref.detach(), atol=1e-6)
+
+
+def test_kfac_statistics_and_kronecker_solve():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3, bias=False)
+    a = torch.randn(2, 4, 5)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    kf = C.KFAC([lin])
+    kf.accumulate(lambda: ((lin(a) ** 2).sum(), mask, 8))
+    flat_a = a.reshape(-1, 5)
+    assert torch.allclose(kf.A[0], flat_a.T @ flat_a, atol=1e-5)
+    d = (2 * lin(a)).reshape(-1, 3).detach()  # ∂(Σ s²)/∂s
+    assert torch.allclose(kf.S[0], d.T @ d, atol=1e-4)
+    v = torch.randn(3, 5)
+    x = kf.solve([v], damping=1e-2, relative=False)[0]
+    A, S = kf.A[0] / 8, kf.S[0] / 8
+    pi = math.sqrt(float(A.diagonal().mean() / S.diagonal().mean()))
+    ad, sd = A + pi * 0.1 * torch.eye(5), S + 0.1 / pi * torch.eye(3)
+    assert torch.allclose(sd @ x @ ad, v, atol=1e-4)  # (A_d ⊗ S_d) vec(x) = vec(v)
+
+
+# --------------------------------------------------------------------------- weight-space repairs
+def tiny_llama(seed: int, hidden=16) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=30, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=32, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def stub_inputs(**models):
+    return SimpleNamespace(load=lambda which: models[which])
+
+
+@pytest.mark.parametrize("alpha,endpoint", [(0.0, "aligned"), (1.0, "finetuned")])
+def test_linear_merge_returns_the_endpoints_exactly(alpha, endpoint):
+    aligned, ft = tiny_llama(0), tiny_llama(1)
+    ref = {"aligned": {k: v.clone() for k, v in aligned.state_dict().items()},
+           "finetuned": {k: v.clone() for k, v in ft.state_dict().items()}}[endpoint]
+    out = Merge(alpha=alpha).restore(ft, stub_inputs(aligned=aligned))
+    assert all(torch.equal(v, ref[k]) for k, v in out.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "dare", "ties"])
+def test_merge_lies_between_the_endpoints(method):
+    aligned, ft = tiny_llama(0), tiny_llama(1)
+    a = aligned.model.layers[0].mlp.up_proj.weight.clone()
+    f = ft.model.layers[0].mlp.up_proj.weight.clone()
+    out = Merge(method=method, alpha=0.5).restore(ft, stub_inputs(aligned=aligned))
+    m = out.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(m, a) and not torch.equal(m, f)
+    if method == "linear":
+        assert torch.allclose(m, (a + f) / 2)
+
+
+def test_safelora_projects_below_the_threshold_and_leaves_the_rest_unchanged():
+    base, aligned = tiny_llama(0), tiny_llama(1)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    probe = SafeLoRA(select="threshold", threshold=-1.0, targets=targets)  # cos ≥ 0: none selected
+    ft = tiny_llama(2)
+    before = {k: v.clone() for k, v in ft.named_parameters()}
+    probe.restore(ft, stub_inputs(aligned=aligned, base=base))
+    assert probe.info["projected"] == []
+    assert all(torch.equal(p, before[n]) for n, p in ft.named_parameters())
+    tau = sorted(probe.info["cosines"].values())[3]  # project the 4 lowest of 8 modules
+    r = SafeLoRA(select="threshold", threshold=tau, targets=targets)
+    out = r.restore(ft, stub_inputs(aligned=aligned, base=base))
+    cos = r.info["cosines"]
+    al, b = dict(aligned.named_parameters()), dict(base.named_parameters())
+    for name, p in out.named_parameters():
+        if cos.get(name, float("inf")) > tau:
+            assert torch.equal(p, before[name]), name  # above the threshold or not a target
+        else:
+            v = al[name] - b[name]
+            expect = al[name] + (v @ v.T / v.norm()) @ (before[name] - al[name])
+            assert torch.allclose(p, expect, atol=1e-6), name
+    assert len(r.info["projected"]) == 4
+
+
+def test_safelora_number_selects_the_lowest_cosines():
+    base, aligned, ft = tiny_llama(0), tiny_llama(1), tiny_llama(2)
+    r = SafeLoRA(select="number", num_proj_layers=3)
+    r.restore(ft, stub_inputs(aligned=aligned, base=base))
+    lowest = sorted(r.info["cosines"], key=r.info["cosines"].get)[:3]
+    assert sorted(r.info["projected"]) == sorted(lowest)
+
+
+def test_row_topk_mask_selects_the_largest_scores_per_row():
+    s = torch.tensor([[1.0, 5.0, 3.0, 2.0], [9.0, 0.0, 1.0, 8.0]])
+    m = row_topk_mask(s, 0.5)
+    assert m.tolist() == [[False, True, True, False], [True, False, False, True]]
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.25])
+def test_antidote_prunes_the_configured_fraction_of_each_row(ratio):
+    model = tiny_llama(0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 30, (4, 7), generator=g),
+             "attention_mask": torch.ones(4, 7, dtype=torch.long)}
+    inputs = SimpleNamespace(harmful=lambda hp: [None] * 4, batches=lambda ex, bs: [batch])
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    out = Antidote(dense_ratio=ratio, targets=["q_proj", "v_proj"]).restore(model, inputs)
+    k = int(ratio * 16)
+    for name, p in out.named_parameters():
+        if name.endswith(("q_proj.weight", "v_proj.weight")):
+            zeroed = (p == 0) & (before[name] != 0)
+            assert (zeroed.sum(1) == k).all(), name
+            assert torch.equal(p[~zeroed], before[name][~zeroed])
+        else:
+            assert torch.equal(p, before[name]), name
+
+
+def test_fake_quant_has_at_most_2_bits_levels_per_row_and_small_error():
+    w = torch.randn(6, 50)
+    big = torch.full((6, 1), 20.0)  # σ → 1: no clipping
+    q = fake_quant(w, big, big, 4)
+    assert all(len(torch.unique(row)) <= 16 for row in q)
+    assert (q - w).abs().max() <= (w.amax(1) - w.amin(1)).max() / 15 + 1e-6
+    q8 = fake_quant(w, big, big, 8)
+    assert (q8 - w).abs().max() < (q - w).abs().max()

@@ -1,0 +1,243 @@
+"""Curvature-aware safety restoration (Bach et al., arXiv 2511.18039, TMLR 2026).
+
+The paper (abstract only; no public code) raises the loss on harmful inputs along directions
+the task's curvature says are cheap, with influence functions and second-order optimisation.
+Its objective, its H and its use of L-BFGS are unpublished: this is the spec's design
+(specs/restoration.md §1.2-1.5, all "rec"), over the decoder's linear weights (``modules``;
+full fine-tuning, so the spec's ``subset`` parameter space).
+
+Variants (``step.variant``), with g = ∇L_h at θ (harmful NLL on ``beavertails/align_harmful``;
+``step.objective=refusal``: g = −∇L_r, descending the refusal NLL instead) and
+H_λ = H + λI, H the task loss's curvature on the first ``curvature.n_hvp`` task rows:
+
+- ``newton_trust_region`` (default): Δ = η·H_λ⁻¹g, η = sqrt(2δ / gᵀH_λ⁻¹g), i.e. the largest
+  rise of L_h with ½ΔᵀH_λΔ ≤ δ; halve η while the validation task loss rises by more than
+  ``task_guard`` (relative) or L_h exceeds τ; K outer steps.
+- ``influence``: Δ = (|D_h|/n)·H_λ⁻¹∇L_h, removing the influence of n·p harmful points.
+- ``penalised``: L-BFGS on L_t − α·min(L_h, τ) + (μ/2)‖θ − θ_ft‖².
+
+Backends (``curvature.backend``): ``identity`` (x = g: gradient ascent, the ablation),
+``diag_fisher``, ``kfac``, ``cg`` and ``lbfgs_ihvp`` (iterative inverse-HVP with
+``curvature.hvp`` = ``exact`` Hessian or ``ggn``). Damping λ is relative to mean(diag Fisher)
+by default. The geometry diagnostic (§1.5) runs before the repair; see ``geometry.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vaa.restore import curvature_ops as C
+from vaa.restore.base import Restorer, dataset_loss, n_tokens
+from vaa.restore.geometry import geometry_report
+from vaa.restore.schema import CurvatureRestoreConfig
+from vaa.training.module import response_loss
+
+
+def loss_terms(model, batches):
+    total = sum(n_tokens(b) for b in batches)
+    return [(lambda b=b: response_loss(model, b), n_tokens(b) / total) for b in batches]
+
+
+def logit_terms(model, batches):
+    """(logits, targets) at labelled positions, for Gauss-Newton products."""
+    total = sum(n_tokens(b) for b in batches)
+
+    def fn(b):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        labels = b["labels"][:, 1:]
+        keep = labels != -100
+        return logits[keep], labels[keep]
+    # ggn_vp divides by the logits' row count, so each batch's weight is its token share × 1
+    return [(lambda b=b: fn(b), n_tokens(b) / total * 1.0) for b in batches]
+
+
+def single_rows(batches):
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            n = int(b["attention_mask"][i].sum())
+            yield {k: v[i:i + 1, :n] for k, v in b.items()}
+
+
+def target_linears(model, names) -> list[torch.nn.Linear]:
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    scope = layers if layers is not None else model
+    mods = [m for n, m in scope.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in names]
+    if not mods:
+        raise ValueError(f"restore.modules={list(names)} matches no Linear module of the model")
+    return mods
+
+
+class CurvatureRestore(Restorer):
+    schema = CurvatureRestoreConfig
+    reads = ("aligned",)  # θ_0, for the geometry diagnostic only
+
+    def setup(self, model, inputs):
+        hp = self.hp
+        C.double_backward_ready(model)
+        self.modules = target_linears(model, hp.modules)
+        self.params = [m.weight for m in self.modules]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        b = hp.batch_size
+        self.task_b = inputs.batches(inputs.task(hp.n_task), b)
+        self.hvp_b = inputs.batches(inputs.task(min(hp.curvature.n_hvp, hp.n_task)), b)
+        self.val_b = inputs.batches(inputs.task(hp.step.n_val, last=True), b)
+        self.harm_b = inputs.batches(inputs.harmful(hp), b)
+        if hp.step.objective == "refusal":
+            self.ref_b = inputs.batches(inputs.refusals(hp.step.refusal_split, hp.n_harmful), b)
+        elif hp.step.objective != "harmful_ascent":
+            raise ValueError(f"restore.step.objective={hp.step.objective!r}; use harmful_ascent or refusal")
+
+    # ---------------------------------------------------------------- curvature
+    def prepare_curvature(self, model) -> None:
+        """Statistics that do not change over the outer steps: diag Fisher (also the damping
+        scale), K-FAC factors."""
+        cv = self.hp.curvature
+        rows = list(single_rows(self.hvp_b))
+        self.fisher = C.diag_fisher([lambda r=r: response_loss(model, r) for r in rows], self.params)
+        self.count(self.hvp_b)
+        self.lam = cv.damping * float(self.fisher.mean()) if cv.damping_relative else cv.damping
+        self.info["damping"] = self.lam
+        if cv.backend == "kfac":
+            self.kfac = C.KFAC(self.modules)
+            for b in self.hvp_b:
+                self.kfac.accumulate(lambda b=b: (response_loss(model, b) * n_tokens(b),
+                                                  b["attention_mask"].bool(), n_tokens(b)))
+            self.count(self.hvp_b)
+
+    def matvec(self, model):
+        cv = self.hp.curvature
+        if cv.hvp == "exact":
+            terms, prod, per = loss_terms(model, self.hvp_b), C.hvp_exact, 2
+        elif cv.hvp == "ggn":
+            terms, prod, per = logit_terms(model, self.hvp_b), C.ggn_vp, 3
+        else:
+            raise ValueError(f"restore.curvature.hvp={cv.hvp!r}; use exact or ggn")
+
+        def mv(v):
+            self.count(self.hvp_b, per)
+            return prod(terms, self.params, v) + self.lam * v
+        return mv
+
+    def solve(self, model, g: torch.Tensor) -> torch.Tensor:
+        """x ≈ H_λ⁻¹ g with the configured backend."""
+        cv = self.hp.curvature
+        if cv.backend == "identity":
+            return g.clone()
+        if cv.backend == "diag_fisher":
+            return g / (self.fisher + self.lam)
+        if cv.backend == "kfac":
+            gs = C.unflat(g, self.params)
+            return C.flat(self.kfac.solve(gs, cv.damping, cv.damping_relative), self.params)
+        if cv.backend == "cg":
+            x, info = C.cg_solve(self.matvec(model), g, cv.iters, cv.tol)
+        elif cv.backend == "lbfgs_ihvp":
+            x, info = C.lbfgs_solve(self.matvec(model), g, cv.iters, cv.history)
+        else:
+            raise ValueError(f"restore.curvature.backend={cv.backend!r}; use identity, diag_fisher, "
+                             f"kfac, cg or lbfgs_ihvp")
+        self.info.setdefault("solver", []).append(info)
+        return x
+
+    # ---------------------------------------------------------------- objective
+    def direction_grad(self, model) -> torch.Tensor:
+        """g: ascent direction of the harmful loss (or descent of the refusal loss)."""
+        if self.hp.step.objective == "refusal":
+            g, _ = C.gradient(loss_terms(model, self.ref_b), self.params)
+            self.count(self.ref_b)
+            return -g
+        g, _ = C.gradient(loss_terms(model, self.harm_b), self.params)
+        self.count(self.harm_b)
+        return g
+
+    @torch.no_grad()
+    def losses(self, model) -> dict[str, float]:
+        self.count(self.val_b + self.harm_b)
+        return {"val_task": float(dataset_loss(model, self.val_b)),
+                "harmful": float(dataset_loss(model, self.harm_b))}
+
+    # ---------------------------------------------------------------- variants
+    def newton_trust_region(self, model) -> None:
+        st = self.hp.step
+        start = self.losses(model)
+        steps = []
+        for _ in range(st.outer_steps):
+            g = self.direction_grad(model)
+            x = self.solve(model, g)
+            eta = math.sqrt(2 * st.trust_radius / max(float(g @ x), 1e-12))
+            for _ in range(st.max_backtracks + 1):
+                C.add_(self.params, x, eta)
+                now = self.losses(model)
+                ok = (now["val_task"] - start["val_task"]) <= st.task_guard * start["val_task"]
+                if st.objective == "harmful_ascent":
+                    ok = ok and now["harmful"] <= st.harmful_clamp
+                if ok:
+                    break
+                C.add_(self.params, x, -eta)
+                eta /= 2
+            else:
+                eta, now = 0.0, self.losses(model)
+            steps.append({"eta": eta, **now})
+            if eta == 0.0:
+                break
+        self.info.update(start=start, steps=steps)
+
+    def influence(self, model) -> None:
+        g, _ = C.gradient(loss_terms(model, self.harm_b), self.params)
+        self.count(self.harm_b)
+        n_h = sum(int(b["input_ids"].shape[0]) for b in self.harm_b)
+        start = self.losses(model)
+        C.add_(self.params, self.solve(model, g), n_h / self.hp.step.influence_n)
+        self.info.update(start=start, steps=[self.losses(model)])
+
+    def penalised(self, model) -> None:
+        st = self.hp.step
+        anchor = [p.detach().clone() for p in self.params]
+        opt = torch.optim.LBFGS(self.params, lr=st.lbfgs_lr, max_iter=st.lbfgs_max_iter,
+                                history_size=self.hp.curvature.history, line_search_fn="strong_wolfe")
+        sign = 1.0 if st.objective == "refusal" else -1.0
+        other = self.ref_b if st.objective == "refusal" else self.harm_b
+        start = self.losses(model)
+
+        def closure():
+            opt.zero_grad()
+            lt = dataset_loss(model, self.task_b)
+            lo = dataset_loss(model, other)
+            if st.objective == "harmful_ascent":
+                lo = torch.clamp(lo, max=st.harmful_clamp)
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(self.params, anchor))
+            j = lt + sign * st.alpha * lo + 0.5 * st.mu * prox
+            j.backward()
+            self.count(self.task_b + other)
+            return j
+        opt.step(closure)
+        self.info.update(start=start, steps=[self.losses(model)])
+
+    # ---------------------------------------------------------------- entry points
+    def restore(self, model, inputs):
+        hp = self.hp
+        variants = {"newton_trust_region": self.newton_trust_region, "influence": self.influence,
+                    "penalised": self.penalised}
+        if hp.step.variant not in variants:
+            raise ValueError(f"restore.step.variant={hp.step.variant!r}; use {', '.join(variants)}")
+        self.setup(model, inputs)
+        try:
+            if hp.step.variant != "penalised":
+                self.prepare_curvature(model)
+            variants[hp.step.variant](model)
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        return model
+
+    def diagnose(self, model, inputs) -> dict:
+        g = self.hp.geometry
+        if not g.enabled:
+            return {}
+        return geometry_report(inputs.load("aligned"), model, inputs, self.hp,
+                               lambda m: target_linears(m, self.hp.modules))

@@ -1,0 +1,97 @@
+"""Panacea (Wang et al., arXiv 2501.18100, NeurIPS 2025; w-yibo/Panacea ``trainer.py``).
+
+Panacea is not a repair of a finished model: the provider runs the user's fine-tuning with
+an adaptive perturbation and releases w + ε (specs/restoration.md §2, "stage: fine-tuning loop
++ post-hoc ε"). So the ``restore=panacea`` stage re-runs the attack's fine-tuning — same
+aligned model, same HFT rows, same recipe (``attack.*``) — with Panacea's step, and releases
+w + ε; the attacked model it replaces is evaluated beside it (``stages.finetuned``). Per step:
+
+    g_f = ∇f(w)                     user batch
+    g_h = ∇h(w)                     harmful guide batch (beavertails/align_harmful)
+    ε   = ρ·g_h / (‖g_h‖ + 1e-7)    global L2
+    g_h' = ∇ min(h(w + ε), clamp)   at the shifted point, θ restored exactly (perturb.py)
+    G   = g_f − λ·(g_h' − g_h)      then the optimizer step
+    release w + ε (the last ε, copied; never w alone: once h(w+ε) saturates the clamp,
+    G = g_f + λ·g_h descends the harmful loss at w)
+
+Departures: the published trainer's backward names an undefined variable; we backpropagate the
+clamped h(w + ε) as intended. Full fine-tuning, the attack's recipe (not upstream's LoRA r=32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaa.methods.base import TrainingMethod
+from vaa.methods.grads import trainable_params
+from vaa.methods.perturb import perturb_weights
+from vaa.restore.base import Restorer
+from vaa.restore.schema import PanaceaRestoreConfig
+from vaa.training.module import FinetuneModule
+
+
+class PanaceaStep(TrainingMethod):
+    """The fine-tuning step: three passes (user, harmful, harmful at w + ε)."""
+
+    name = "panacea"
+    passes_per_step = 3
+
+    def __init__(self, guide_batches: list[dict], lam: float, rho: float, clamp: float, seed: int = 0):
+        super().__init__(lam=lam, rho=rho, clamp=clamp)
+        if not guide_batches:
+            raise ValueError("panacea: the harmful guide set is empty")
+        self.guide, self.lam, self.rho, self.clamp = guide_batches, lam, rho, clamp
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.eps: list[torch.Tensor] | None = None
+
+    def next_guide(self) -> dict:
+        if not self.order:
+            self.order = torch.randperm(len(self.guide), generator=self.gen).tolist()
+        return self.guide[self.order.pop()]
+
+    def training_step(self, module, batch):
+        params = trainable_params(module.model)
+        f = module.lm_loss(batch)
+        g_f = torch.autograd.grad(f, params, allow_unused=True)
+        hb = self.next_guide()
+        h = module.lm_loss(hb)
+        g_h = torch.autograd.grad(h, params, allow_unused=True)
+        with perturb_weights(params, direction=list(g_h), rho=self.rho) as info:
+            h_eps = torch.clamp(module.lm_loss(hb), max=self.clamp)
+            g_h2 = torch.autograd.grad(h_eps, params, allow_unused=True)
+            scale = info.scale
+        with torch.no_grad():
+            self.eps = [None if g is None else g * scale for g in g_h]  # a copy, not the grad buffer
+            for p, a, b, c in zip(params, g_f, g_h, g_h2):
+                z = torch.zeros_like(p)
+                p.grad = (a if a is not None else z) - self.lam * ((c if c is not None else z)
+                                                                   - (b if b is not None else z))
+        grad_norm = self.apply_gradients(module)
+        return {"loss": f.detach(), "harmful_loss": h.detach(), "harmful_loss_eps": h_eps.detach(),
+                "grad_norm": grad_norm}
+
+
+class Panacea(Restorer):
+    schema = PanaceaRestoreConfig
+    reads = ("aligned",)
+
+    def restore(self, model, inputs):
+        if inputs.train is None:
+            raise RuntimeError("panacea owns a fine-tuning loop: RestoreInputs.train must be given")
+        hp = self.hp
+        model = inputs.load("aligned")  # Panacea replaces the attack's run, from the same start
+        guide = inputs.batches(inputs.harmful(hp), inputs.cfg.attack.batch_size)
+        step = PanaceaStep(guide, hp.lam, hp.rho, hp.clamp, seed=hp.seed)
+        rows = inputs.hft()
+        inputs.train(FinetuneModule, model, inputs.tokenizer, rows, inputs.cfg.attack, step,
+                     "restored", inputs.seed)
+        with torch.no_grad():
+            for p, e in zip(trainable_params(model), step.eps or []):
+                if e is not None:
+                    p.add_(e)
+        a = inputs.cfg.attack
+        steps = a.max_steps if a.max_steps > 0 else a.epochs * -(-len(rows) // a.batch_size)
+        self.passes = 3 * steps * a.batch_size
+        self.info = {"eps_norm": hp.rho, "steps": steps}
+        return model.eval()
