@@ -47,6 +47,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
                  ("estimate", partial(build_estimate, ctx), False)]
     plan += [("aligned", partial(S.build_aligned, ctx), True),
              ("finetuned", partial(S.build_finetuned, ctx), True)]
+    if "restored" in ctx.keys:  # restore != none: repair the fine-tuned model (vaa/restore/)
+        plan.append(("restored", partial(S.build_restored, ctx), True))
     results: dict[str, dict] = {}
     for name, build, evaluated in plan:
         stage(name, build)
@@ -54,17 +56,21 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
             results[name] = evaluate_stage(ctx, name, stage, cached[name])
     # stage 1's outputs and the method's own (VAA's sampler trajectory), beside metrics.json
     for stage_name, f in [("estimate", "groups.jsonl"), ("estimate", "forgetting.png"),
-                          ("aligned", "dro_trajectory.json"), ("aligned", "dro_trajectory.png")]:
+                          ("aligned", "dro_trajectory.json"), ("aligned", "dro_trajectory.png"),
+                          ("restored", "restore.json"), ("restored", "geometry.json")]:
         if stage_name in ctx.dirs and (ctx.dirs[stage_name] / f).is_file():
             shutil.copy(ctx.dirs[stage_name] / f, run_dir / f)
     timing["total"] = round(time.perf_counter() - t_start, 3)
-    final = results["finetuned"]
+    if "restored" in results:  # the repair's cost and diagnostics (restore.json)
+        results["restored"]["restore"] = json.loads((ctx.dirs["restored"] / "restore.json").read_text())
+    final = results.get("restored") or results["finetuned"]  # the final model: repaired if any
     groups = None
     if "estimate" in ctx.dirs:  # the forgetting analysis of VAA's stage 1
         groups = json.loads((ctx.dirs["estimate"] / "forgetting.json").read_text())
     metrics = {
         "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
-        "stages": {**results, "restored": None},
+        "restore": cfg.restore.name if cfg.get("restore") is not None else "none",
+        "stages": {**results, "restored": results.get("restored")},
         "harmful_score": final["harmful_score"], "finetune_accuracy": final["finetune_accuracy"],
         "timing": timing, "cache_keys": ctx.keys, "groups": groups,
     }
