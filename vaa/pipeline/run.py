@@ -70,9 +70,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     metrics = {
         "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
         "restore": cfg.restore.name if cfg.get("restore") is not None else "none",
+        "ft_defense": cfg.ft_defense.name,  # vaa-report labels rows method+ft_defense+restore
         "stages": {**results, "restored": results.get("restored")},
         "harmful_score": final["harmful_score"], "finetune_accuracy": final["finetune_accuracy"],
         "timing": timing, "cache_keys": ctx.keys, "groups": groups,
+        "cached": cached,  # per stage: served by the cache (True) or built by this job
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_summary(metrics)
