@@ -177,7 +177,11 @@ def prepare_for_training(model, model_cfg, role: str):
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
     if model_cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}  # no input-grad hook needed with frozen embeddings (LoRA)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         model.config.use_cache = False
     return model
 
@@ -205,7 +209,9 @@ def save_adapter_artifact(model, tokenizer, out: Path) -> None:
         names.append(f"adapter_{i}")
         shutil.copytree(src, out / names[-1])
     names.append(f"adapter_{len(earlier)}")
-    model.save_pretrained(out / names[-1], safe_serialization=True)
+    # The embedding rows a PAD added are re-created (mean init) when the base loads, so the
+    # adapter never carries a copy of the resized embedding matrices (0.5 GB for Llama-7B).
+    model.save_pretrained(out / names[-1], safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / LINEAGE).write_text(json.dumps({"base": lineage["base"], "adapters": names}, indent=1))
 
