@@ -1,11 +1,13 @@
 """Step cost of every registered alignment method relative to SFT, on the same model and batch
 size, plus its memory.
 
-Registered methods: every YAML in ``conf/method/`` (``--methods`` narrows the list; SFT, the
-reference, always runs). Each is built exactly as the pipeline's align stage builds it: the
-Hydra config composed with ``method=<name>``, ``instantiate(cfg.method)``,
+Registered methods: every YAML in ``conf/method/`` and every fine-tuning defense in
+``conf/ft_defense/`` but ``none`` (``--methods`` narrows the list; SFT, the reference, always
+runs). Each is built exactly as the pipeline builds it: the Hydra config composed with
+``method=<name>`` (or ``ft_defense=<name>``), ``instantiate(...)``,
 ``method.make_datamodule(...)`` (groups, a fixed random ~37 % vulnerable split, for methods
-with ``requires_groups``), ``AlignModule(model, method, recipe, total_steps)`` under a Lightning
+with ``requires_groups``; the extra streams of ``requires`` from the world as
+``extra_data`` says), ``AlignModule(model, method, recipe, total_steps)`` under a Lightning
 Trainer (no logger, no progress bar, no checkpointing). Every run starts from the same initial
 weights (one model, deep-copied per run) and gets a fresh method object.
 
@@ -59,16 +61,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 VULNERABLE_FRACTION = 0.37
 TARGET_SLACK = 1.05  # VAA: step time within 5 % of (1 + mean λ) × SFT's
+TARGETS = {"vaccine": 2.1, "booster": 3.15}  # step time ≤ target × SFT's
+
+
+def defenses(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Fine-tuning-stage defenses (``conf/ft_defense/*.yaml`` but ``none``)."""
+    return sorted(p.stem for p in (conf_dir / "ft_defense").glob("*.yaml") if p.stem != "none")
 
 
 def registered_methods(conf_dir: Path = CONF_DIR) -> list[str]:
-    """Every method config (``conf/method/*.yaml``), SFT first."""
+    """Every method config (``conf/method/*.yaml``), SFT first, then the defenses."""
     names = sorted(p.stem for p in (conf_dir / "method").glob("*.yaml"))
-    return sorted(names, key=lambda n: n != "sft")
+    return sorted(names, key=lambda n: n != "sft") + defenses(conf_dir)
+
+
+def override(name: str) -> str:
+    return f"ft_defense={name}" if name in defenses() else f"method={name}"
 
 
 def compose_method_configs(names: list[str]) -> dict[str, Any]:
-    """The run config ``vaa method=<name>`` would see, one per method (as the pipeline)."""
+    """The run config ``vaa method=<name>`` (or ``ft_defense=<name>``) would see, one per
+    method (as the pipeline)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -78,7 +91,7 @@ def compose_method_configs(names: list[str]) -> dict[str, Any]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return {n: compose("config", overrides=[f"method={n}"]) for n in names}
+            return {n: compose("config", overrides=[override(n)]) for n in names}
     finally:
         GlobalHydra.instance().clear()
 
@@ -208,7 +221,7 @@ def _clock(warmup: int, steps: int, cuda: bool):
 
 
 def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, warmup: int,
-               steps: int, seed: int, device: str, root: Path) -> dict:
+               steps: int, seed: int, device: str, root: Path, source) -> dict:
     """One training run of ``name`` from ``model0``'s weights; the timed steps' figures."""
     import lightning as L
     from hydra.utils import instantiate
@@ -219,10 +232,12 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
 
     total = warmup + steps
     cuda = device == "cuda"
-    method = instantiate(cfg.method)
+    method = instantiate(cfg.ft_defense if name in defenses() else cfg.method)
     groups = fixed_groups(len(examples), seed) if getattr(method, "requires_groups", False) else None
-    dm = method.make_datamodule(examples, tokenizer, groups=groups, batch_size=batch_size, seed=seed,
-                                template="compact", max_length=256, max_prompt_length=512)
+    extra = {n: source.examples(d.dataset, d.split, d.start, d.stop, d.format)
+             for n, d in cfg.extra_data.items() if n in method.requires}
+    dm = method.make_datamodule(examples, tokenizer, groups=groups, extra=extra, batch_size=batch_size,
+                                seed=seed, template="compact", max_length=256, max_prompt_length=512)
     recipe = OmegaConf.structured(AlignConfig(lr=1e-4, batch_size=batch_size))
     model = copy.deepcopy(model0)
     model.train()
@@ -301,7 +316,7 @@ def run(a) -> dict:
         examples = source.examples("beavertails", "align")
         model0 = tiny_model(tokenizer, hidden, layers, seed=a.seed)
         kw = dict(batch_size=batch_size, warmup=warmup, steps=steps, seed=a.seed, device=device,
-                  root=root)
+                  root=root, source=source)
         res = interleaved({m: (lambda m=m: run_method(m, cfgs[m], model0, examples, tokenizer, **kw))
                            for m in methods}, reps)
 
@@ -330,6 +345,9 @@ def run(a) -> dict:
         target = TARGET_SLACK * (1 + last["vaa"]["mean_lambda"])
         figures["vaa_target"] = target
         figures["vaa_within_target"] = bool(figures["ratio_vs_sft"]["vaa"] <= target)
+    figures["targets"] = {m: t for m, t in TARGETS.items() if m in methods}
+    figures["within_target"] = {m: bool(figures["ratio_vs_sft"][m] <= t)
+                                for m, t in figures["targets"].items()}
     figures.update(methods=methods, device=device, steps=steps, warmup=warmup, reps=reps,
                    batch_size=batch_size, hidden_size=hidden, layers=layers,
                    wall_s=time.perf_counter() - t0)

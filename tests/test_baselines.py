@@ -433,3 +433,33 @@ def test_lisa_in_the_lightning_loop(world):
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
               ).fit(module, datamodule=dm)
     assert method.history == [ALIGN, FINETUNE, FINETUNE] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# configs: every preset composes; the extra data enters only the keys of methods that read it
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["method=vaccine", "method=repnoise", "method=repnoise_vaa",
+                                      "method=booster", "method=booster_vaa", "ft_defense=lisa",
+                                      "ft_defense=ema", "ft_defense=lookahead"])
+def test_presets_compose_and_instantiate(compose, override):
+    from hydra.utils import instantiate
+    cfg = compose([override])
+    group = override.split("=")[0]
+    method = instantiate(cfg[group])
+    assert method.name == cfg[group]._target_.rsplit(".", 1)[1].lower()
+    with pytest.raises(Exception, match="no_such_knob"):  # typed schema: unknown keys fail
+        compose([override, f"{group}.no_such_knob=1"])
+
+
+def test_extra_data_enters_only_the_keys_of_methods_that_require_it(compose):
+    from vaa.pipeline.keys import plan_keys
+
+    def keys(*o):
+        return plan_keys(compose(["method=sft", *o]))
+
+    base, moved = keys(), keys("extra_data.harmful.stop=50")
+    assert base == moved  # SFT + no defense read no extra data
+    b0, b1 = keys("method=booster"), keys("method=booster", "extra_data.harmful.stop=50")
+    assert b0["aligned"] != b1["aligned"] and b0["base"] == b1["base"]
+    l0, l1 = keys("ft_defense=lisa"), keys("ft_defense=lisa", "extra_data.alignment.stop=50")
+    assert l0["aligned"] == l1["aligned"] and l0["finetuned"] != l1["finetuned"]
