@@ -463,3 +463,19 @@ def test_extra_data_enters_only_the_keys_of_methods_that_require_it(compose):
     assert b0["aligned"] != b1["aligned"] and b0["base"] == b1["base"]
     l0, l1 = keys("ft_defense=lisa"), keys("ft_defense=lisa", "extra_data.alignment.stop=50")
     assert l0["aligned"] == l1["aligned"] and l0["finetuned"] != l1["finetuned"]
+
+
+def test_vaccine_gradient_is_the_same_under_gradient_checkpointing(world):
+    def grads(checkpointing: bool):
+        method = Vaccine(rho=2.0)
+        model = copy.deepcopy(world.model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        h, _dm, batch = make(world, method, model=model)
+        from vaa.methods.vaccine import perturbed_backward
+        perturbed_backward(h, batch, method.layers, 2.0)
+        return [p.grad.clone() for p in h.model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -44,9 +44,9 @@ def hidden_perturbation(module, batch, layers, rho: float):
 def perturbed_backward(module, batch, layers, rho: float) -> dict[str, torch.Tensor]:
     """Both passes of Vaccine; leaves ∇_θ f(θ; e + ε) accumulated in ``.grad``."""
     clean, eps, norm = hidden_perturbation(module, batch, layers, rho)
-    with AddToOutputs(layers, eps):
-        loss = module.lm_loss(batch)
-    module.manual_backward(loss)
+    with AddToOutputs(layers, eps):  # kept through backward: a gradient-checkpoint recompute
+        loss = module.lm_loss(batch)  # adds the same ε again (the hook is idempotent per forward)
+        module.manual_backward(loss)
     eps_norm = global_norm(eps)
     return {"loss": loss.detach(), "loss_clean": clean, "hidden_grad_norm": norm, "eps_norm": eps_norm}
 
