@@ -114,3 +114,20 @@ def test_each_repair_runs_and_changes_what_it_should(run, tmp_path, restore, ext
             assert max(len(torch.unique(row)) for row in out[n]) <= 256
     elif restore == "panacea":
         assert r["restore"]["passes"] > 0 and changed == set(out)  # a new run from the aligned model
+
+
+def test_restore_cost_benchmark_reports_ratios(capsys):
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # benchmarks/ is a top-level folder, not part of the package
+        sys.path.insert(0, root)
+    from benchmarks import restore_cost
+
+    restore_cost.main(["--quick", "--repairs", "merge,antidote", "--override", "model.pretrain.max_steps=5"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.strip()][-1]
+    rec = json.loads(line)
+    assert rec["benchmark"] == "restore_cost" and rec["hft_epoch_s"] > 0
+    assert set(rec["ratio_vs_hft_epoch"]) == {"merge", "antidote"}
+    assert rec["passes"]["merge"] == 0 and rec["passes"]["antidote"] > 0
