@@ -231,3 +231,27 @@ def test_fake_quant_has_at_most_2_bits_levels_per_row_and_small_error():
     assert (q - w).abs().max() <= (w.amax(1) - w.amin(1)).max() / 15 + 1e-6
     q8 = fake_quant(w, big, big, 8)
     assert (q8 - w).abs().max() < (q - w).abs().max()
+
+
+@pytest.mark.parametrize("solver", ["cg", "lbfgs"])
+def test_iterative_inverse_ggn_vp_agrees_with_dense_solve_on_a_small_model(solver):
+    """H_λ⁻¹g on a tiny Llama (one v_proj, 64 parameters, a causal-LM loss): CG / L-BFGS on
+    Gauss-Newton products against the dense matrix built from the same products."""
+    model = tiny_llama(0, hidden=8)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 30, (4, 7), generator=g)
+    w = model.model.layers[0].self_attn.v_proj.weight
+    for p in model.parameters():
+        p.requires_grad_(p is w)
+    with C.eager_attention(model):
+        logits = [(lambda: (model(input_ids=ids).logits[:, :-1].reshape(-1, 30), None), 1.0)]
+        loss = [(lambda: torch.nn.functional.cross_entropy(
+            model(input_ids=ids).logits[:, :-1].reshape(-1, 30), ids[:, 1:].reshape(-1)), 1.0)]
+        grad, _ = C.gradient(loss, [w])
+        h = dense(lambda v: C.ggn_vp(logits, [w], v), w.numel())
+        lam = 1e-2 * float(h.diagonal().mean())
+        mv = lambda v: C.ggn_vp(logits, [w], v) + lam * v  # noqa: E731
+        x, _ = C.cg_solve(mv, grad, 200, 1e-8) if solver == "cg" else C.lbfgs_solve(mv, grad, 300, tol=1e-8)
+    ref = torch.linalg.solve(h.double() + lam * torch.eye(w.numel(), dtype=torch.double), grad.double())
+    assert float((x.double() - ref).norm() / ref.norm()) < 1e-3
+    assert model.config._attn_implementation != "eager"  # the model's kernel is set back

@@ -76,7 +76,6 @@ class CurvatureRestore(Restorer):
 
     def setup(self, model, inputs):
         hp = self.hp
-        C.double_backward_ready(model)
         self.modules = target_linears(model, hp.modules)
         self.params = [m.weight for m in self.modules]
         for p in model.parameters():
@@ -227,9 +226,10 @@ class CurvatureRestore(Restorer):
             raise ValueError(f"restore.step.variant={hp.step.variant!r}; use {', '.join(variants)}")
         self.setup(model, inputs)
         try:
-            if hp.step.variant != "penalised":
-                self.prepare_curvature(model)
-            variants[hp.step.variant](model)
+            with C.eager_attention(model):
+                if hp.step.variant != "penalised":
+                    self.prepare_curvature(model)
+                variants[hp.step.variant](model)
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)

@@ -13,6 +13,7 @@ causal-LM loss on dict batches. The products here are a few lines of ``torch.aut
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -23,12 +24,19 @@ LossTerms = Sequence[tuple[Callable[[], Tensor], float]]
 LogitTerms = Sequence[tuple[Callable[[], Tensor], float]]  # closures returning (logits, targets)
 
 
-def double_backward_ready(model: torch.nn.Module) -> torch.nn.Module:
-    """Eager attention: fused SDPA kernels (the CPU flash kernel among them) have no double
-    backward, which exact HVPs and the double-vjp GGN product need (spec §1.6)."""
-    if hasattr(model, "set_attn_implementation"):
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """Within: eager attention, because fused SDPA kernels (the CPU flash kernel among them)
+    have no double backward, which exact HVPs and the double-vjp GGN product need (spec §1.6).
+    The model's own kernel is set back on exit, so the saved model keeps it."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if before and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
-    return model
+    try:
+        yield model
+    finally:
+        if before and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(before)
 
 
 def flat(tensors: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:

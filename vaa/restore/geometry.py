@@ -32,7 +32,6 @@ def harmful_ggn_eigs(model, batches, linears, k: int, iters: int, seed: int):
     # local import: curvature.py imports this module
     from vaa.restore.curvature import logit_terms
 
-    C.double_backward_ready(model)
     params = [m.weight for m in linears(model)]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -40,9 +39,10 @@ def harmful_ggn_eigs(model, batches, linears, k: int, iters: int, seed: int):
     for p in params:
         p.requires_grad_(True)
     try:
-        terms = logit_terms(model, batches)
-        dim = sum(p.numel() for p in params)
-        return C.top_eigs(lambda v: C.ggn_vp(terms, params, v), dim, k, iters, seed)
+        with C.eager_attention(model):
+            terms = logit_terms(model, batches)
+            dim = sum(p.numel() for p in params)
+            return C.top_eigs(lambda v: C.ggn_vp(terms, params, v), dim, k, iters, seed)
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
