@@ -55,8 +55,9 @@ def save_moderation_classifier(out: Path, tokenizer, num_labels: int = 14, seed:
     model = LlamaForSequenceClassification(_config(len(tokenizer), num_labels=num_labels,
                                                    pad_token_id=tokenizer.pad_token_id,
                                                    problem_type="multi_label_classification"))
-    with torch.no_grad():  # spread the logits around 0 so that both decisions occur
-        model.score.weight.normal_(0, 2.0)
+    with torch.no_grad():  # 14 nearly equal rows: the max logit falls on both sides of 0
+        shared = torch.randn(model.score.weight.shape[1]) * 0.3
+        model.score.weight.copy_(shared + 0.02 * torch.randn_like(model.score.weight))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
