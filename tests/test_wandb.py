@@ -112,14 +112,19 @@ def test_offline_runs_one_per_job(tmp_path, monkeypatch, no_key):
     assert not any(k.startswith(("align/", "base/")) for h in runs[1]["history"] for k in h)
 
 
-def test_key_never_written(tmp_path, monkeypatch, no_key):
+def test_vaa_sampler_logged_and_key_never_written(tmp_path, monkeypatch, no_key):
+    """A single VAA run with a key in the environment (forced offline): the sampler's
+    probabilities are logged per step, and the key appears in no file of the run."""
     secret = "0123456789abcdef-test-key"
     monkeypatch.setenv("WANDB_API_KEY", secret)
     run_dir = tmp_path / "run"
-    code = run_vaa(monkeypatch, *TINY, "logger=wandb", "logger.mode=offline", "method=sft",
-                   f"hydra.run.dir={run_dir}")
+    code = run_vaa(monkeypatch, *TINY, "logger=wandb", "logger.mode=offline", "method=vaa",
+                   "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}")
     assert code == 0
-    assert read_run(run_dir)["exit"] == 0
+    run = read_run(run_dir)
+    assert run["exit"] == 0 and run["group"] == "" and run["name"].startswith("attack.n=40")
+    p_vul = [float(h["align/dro/p_vulnerable"]) for h in run["history"] if "align/dro/p_vulnerable" in h]
+    assert p_vul and all(0.0 <= p <= 1.0 for p in p_vul)
     for f in run_dir.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f"the W&B key leaked into {f}"

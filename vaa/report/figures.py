@@ -30,7 +30,7 @@ def write_figures(t: Table, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     cols = t.columns + [AVG]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cols) * 2), 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(cols)), 3.8))
     for ax, d, label in ((axes[0], t.hs, "harmful score % (lower is safer)"),
                          (axes[1], t.fa, "fine-tune accuracy %")):
         _bars(ax, t, cols, [(r, {c: d[r, c] for c in cols}) for r in t.rows], label)
@@ -55,7 +55,7 @@ def write_figures(t: Table, out_dir: Path) -> list[Path]:
     ax.set_ylabel("harmful score %")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
-    ax.set_title("harmful score before / after the attack (mean over columns and seeds)", fontsize=9)
+    ax.set_title("HS before / after the attack\n(mean over columns and seeds)", fontsize=9)
     fig.tight_layout()
     paths.append(out_dir / "report_hs_before_after.png")
     fig.savefig(paths[1], dpi=120)
