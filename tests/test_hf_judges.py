@@ -130,3 +130,20 @@ def test_guard_judge_reads_its_verdict(judge_lm, compose):
     flags, scores = g.score(PROMPTS[:5], ANSWERS[:5])
     assert len(flags) == 5 and all(isinstance(f, bool) for f in flags)
     assert scores == [1.0 if f else 0.0 for f in flags]
+
+
+def test_judge_throughput_benchmark_quick_run(capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import judge_throughput
+
+    returned = judge_throughput.main(["--quick"])
+    record = json.loads([x for x in capsys.readouterr().out.splitlines() if x.strip()][-1])
+    assert record["benchmark"] == "judge_throughput" and record == json.loads(json.dumps(returned))
+    assert record["speedup"] > 0 and record["n_pairs"] == 16
+    assert record["identical_flags"] == 1.0 and record["max_score_diff"] < 1e-4
