@@ -120,6 +120,7 @@ def test_failed_job_is_missing_never_a_crash(tmp_path):
     make_job(tmp_path, 3, method="vaa", task="gsm8k", status="incomplete")
     (tmp_path / "4").mkdir()
     (tmp_path / "4" / "metrics.json").write_text("{not json")  # a half-written file
+    make_job(tmp_path, 5, method="gdro", task="sst2", hs=7.0, fa=None)  # a task without FA
     assert report_main([str(tmp_path)]) == 0
     rows = read_csv(tmp_path / "report.csv")
     for png in ("report.png", "report_hs_before_after.png"):  # missing cells: empty bars
@@ -127,6 +128,7 @@ def test_failed_job_is_missing_never_a_crash(tmp_path):
     assert rows["sft"]["gsm8k_hs_mean"] == "" and rows["sft"]["gsm8k_n"] == "0"
     assert rows["vaa"]["gsm8k_hs_mean"] == "" and rows["vaa"]["avg_hs_mean"] == ""
     assert float(rows["sft"]["sst2_hs_mean"]) == 40.0
+    assert float(rows["gdro"]["sst2_hs_mean"]) == 7.0 and rows["gdro"]["sst2_fa_mean"] == ""
     md = (tmp_path / "report.md").read_text()
     assert "| SFT | 40.0 |" in md and "—" in md and "unreadable metrics.json" in md
 

@@ -110,7 +110,7 @@ def read_job(d: Path) -> Job:
     job.restore = from_cfg("restore.name", "none")
     if (d / "metrics.json").is_file():
         metrics, err = _read_json(d / "metrics.json")
-        if metrics is not None and "harmful_score" in metrics and "finetune_accuracy" in metrics:
+        if isinstance(metrics, dict) and isinstance(metrics.get("harmful_score"), (int, float)):
             job.status, job.metrics, job.error = "ok", metrics, None
             job.method = metrics.get("method", job.method)
             job.task = metrics.get("task", job.task)
@@ -118,7 +118,7 @@ def read_job(d: Path) -> Job:
             job.ft_defense = metrics.get("ft_defense") or job.ft_defense
             job.restore = metrics.get("restore") or job.restore
             return job
-        job.status, job.error = "failed", err or "metrics.json lacks harmful_score / finetune_accuracy"
+        job.status, job.error = "failed", err or "metrics.json has no numeric harmful_score"
     if (d / "failed.json").is_file():
         rec, err = _read_json(d / "failed.json")
         job.status = "failed"

@@ -90,6 +90,24 @@ def choose_columns(jobs: list[Job], columns: str | None) -> str:
     return settings[0] if len(tasks) == 1 and len(settings) == 1 else "task"
 
 
+def _num(x) -> float | None:
+    """A score, or None for a missing / non-numeric one (never averaged as a zero)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _mean_over_seeds(groups, value) -> Stat | None:
+    """Each seed's mean of ``value`` over its jobs (the seed is skipped when one is missing),
+    then mean ± std over the seeds."""
+    means = []
+    for jobs in groups:
+        values = [value(j) for j in jobs]
+        if values and None not in values:
+            means.append(statistics.fmean(values))
+    return Stat.of(means)
+
+
 def build_table(jobs: list[Job], columns: str | None = None) -> Table:
     column_key = choose_columns(jobs, columns)
     settings = [k for k in varying_settings(jobs) if k != column_key]
@@ -111,24 +129,19 @@ def build_table(jobs: list[Job], columns: str | None = None) -> Table:
               row_info={row_label(j, settings): {"method": j.method, "ft_defense": j.ft_defense,
                                                  "restore": j.restore} for j in jobs})
     for r in t.rows:
-        per_seed_avg: dict[str, list[tuple[float, float]]] = {}
+        by_seed: dict = {}  # seed → this row's finished jobs of that seed (one per column)
         for c in t.columns:
             seeds = cells.get((r, c), {})
-            t.hs[r, c] = Stat.of([j.metrics["harmful_score"] for j in seeds.values()])
-            t.fa[r, c] = Stat.of([j.metrics["finetune_accuracy"] for j in seeds.values()])
             t.n_seeds = max(t.n_seeds, len(seeds))
+            for d, key in ((t.hs, "harmful_score"), (t.fa, "finetune_accuracy")):
+                d[r, c] = Stat.of([v for j in seeds.values() if (v := _num(j.metrics.get(key))) is not None])
             for s, j in seeds.items():
-                per_seed_avg.setdefault(s, []).append((j.metrics["harmful_score"], j.metrics["finetune_accuracy"]))
-        complete = [v for v in per_seed_avg.values() if len(v) == len(t.columns)]
-        t.hs[r, AVG] = Stat.of([statistics.fmean(h for h, _ in v) for v in complete])
-        t.fa[r, AVG] = Stat.of([statistics.fmean(f for _, f in v) for v in complete])
-        by_seed: dict = {}  # seed → that seed's jobs of this row (all columns)
-        for c in t.columns:
-            for s, j in cells.get((r, c), {}).items():
                 by_seed.setdefault(s, []).append(j)
-        t.before_after[r] = {stage: Stat.of([
-            statistics.fmean(j.metrics["stages"][stage]["harmful_score"] for j in js)
-            for js in by_seed.values() if all((j.metrics.get("stages") or {}).get(stage) for j in js)])
+        complete = [js for js in by_seed.values() if len(js) == len(t.columns)]
+        for d, key in ((t.hs, "harmful_score"), (t.fa, "finetune_accuracy")):
+            d[r, AVG] = _mean_over_seeds(complete, lambda j, key=key: _num(j.metrics.get(key)))
+        t.before_after[r] = {stage: _mean_over_seeds(by_seed.values(), lambda j, stage=stage: _num(
+            ((j.metrics.get("stages") or {}).get(stage) or {}).get("harmful_score")))
             for stage in ("aligned", "finetuned", "restored")}
     return t
 
@@ -142,7 +155,7 @@ def cache_summary(jobs: list[Job]) -> dict:
         built = hits = 0
         keys = set()
         for j in jobs:
-            m = (j.metrics or {}).get("stages", {}).get(stage) if j.ok else None
+            m = ((j.metrics or {}).get("stages") or {}).get(stage) if j.ok else None
             if not m:
                 continue
             keys.add(m.get("cache_key"))
@@ -151,7 +164,7 @@ def cache_summary(jobs: list[Job]) -> dict:
         out[stage] = {"built": built, "cache_hits": hits, "distinct": len(keys)}
     # alignment trainings also include VAA's stage-1 SFT model (same artifact as method=sft's)
     extra_built = extra_hits = 0
-    align_keys = {(j.metrics["stages"].get("aligned") or {}).get("cache_key") for j in jobs if j.ok}
+    align_keys = {((j.metrics.get("stages") or {}).get("aligned") or {}).get("cache_key") for j in jobs if j.ok}
     for j in jobs:
         if not j.ok:
             continue
