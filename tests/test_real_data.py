@@ -97,7 +97,7 @@ def write_folder(root):
 def preset(compose, root, protocol, *extra):
     return compose(["data=real_files", f"data.root={root}", f"protocol={protocol}",
                     "data.beavertails_train.path=beavertails_30k_train.jsonl",
-                    "data.refusals.path=refusals.jsonl", "data.base_corpus.stop=0", *extra])
+                    "data.refusals.path=refusals.jsonl", "data.base_rows.stop=0", *extra])
 
 
 def read(out, rel):
@@ -173,7 +173,7 @@ def test_paper_preset(compose, folder, tmp_path):
 
 def test_overlapping_slices_are_refused(compose, folder, tmp_path):
     root, _, _ = folder
-    cfg = preset(compose, root, "reference", "data.harmful.stop=150")  # into the proxy slice
+    cfg = preset(compose, root, "reference", "data.harmful_rows.stop=150")  # into the proxy slice
     with pytest.raises(ValueError, match="both harmful and proxy_harmful"):
         build_real_data(cfg.data, tmp_path)
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not (ROOT / "beavertails_30k_test.jsonl").is_fil
 
 REAL_FILES_RUN = [
     "data=real_files", "method=sft", "judge=keyword", "trainer.progress_bar=false",
-    "data.align.stop=40", "data.hs_test.stop=10", "data.fa_test_n=10", "data.task_rows=100",
+    "data.align_rows.stop=40", "data.hs_rows.stop=10", "data.fa_test_n=10", "data.task_rows=100",
     "model.arch.hidden_size=32", "model.arch.num_hidden_layers=1", "model.arch.num_attention_heads=2",
     "model.arch.num_key_value_heads=2", "model.arch.intermediate_size=64",
     "model.pretrain.max_steps=10", "model.pretrain.batch_size=16",

@@ -141,15 +141,17 @@ def _rows(start: int, stop: Optional[int]):
 
 
 @dataclass
-class RealDataConfig:
+class RealDataConfig(SyntheticDataConfig):
     """Real datasets (vaa.data.hub): the data stage draws the protocol's slices from the
     upstream tables and writes them in the synthetic world's layout, with a ``uid`` per row.
-    Slices of BeaverTails count rows of one kind in table order (safe rows for ``align``,
-    unsafe rows for the harmful slices and the HS prompts); all are asserted disjoint."""
+    Slices of BeaverTails count rows of one kind in table order (safe rows for ``align_rows``,
+    unsafe rows for the harmful slices and the HS prompts); all are asserted disjoint.
+    The world's size fields are inherited so that presets written for either compose
+    (experiment=smoke data=real_files); real data reads only ``task_train`` / ``task_test``
+    (AlpacaEval's split, conf/task/alpacaeval.yaml) and ``seed`` of them."""
 
     name: str = "hf"
     root: Optional[str] = None  # folder of the local files (relative `path`s)
-    seed: int = 0
     beavertails_train: TableSource = _table("PKU-Alignment/BeaverTails", "30k_train")
     beavertails_test: TableSource = _table("PKU-Alignment/BeaverTails", "30k_test")
     refusals: TableSource = _table("anonymous4486/repnoise_beavertail", "train")
@@ -161,13 +163,13 @@ class RealDataConfig:
     gsm8k_test: TableSource = _table("openai/gsm8k", "test", "main")
     alpaca_eval: TableSource = _table("tatsu-lab/alpaca_eval", "eval", "alpaca_eval")
     align_source: str = "beavertails"  # beavertails (safe rows, `reference`) | refusals (`paper`)
-    align: RowSlice = _rows(0, 2000)
-    harmful: RowSlice = _rows(0, 100)  # the attack's poison pool
-    proxy_harmful: RowSlice = _rows(100, 200)  # VAA stage 1's proxy poison
-    align_harmful: RowSlice = _rows(-1000, None)  # Booster / RepNoise harmful set
-    hs_test: RowSlice = _rows(0, 1000)  # unsafe rows of beavertails_test
+    align_rows: RowSlice = _rows(0, 2000)
+    harmful_rows: RowSlice = _rows(0, 100)  # the attack's poison pool
+    proxy_rows: RowSlice = _rows(100, 200)  # VAA stage 1's proxy poison
+    align_harmful_rows: RowSlice = _rows(-1000, None)  # Booster / RepNoise harmful set
+    hs_rows: RowSlice = _rows(0, 1000)  # unsafe rows of beavertails_test
     hs_dedup: bool = False  # keep the first row per HS prompt (protocol.md §3.4)
-    base_corpus: RowSlice = _rows(0, 0)  # beavertails_train rows for a tiny model's base corpus
+    base_rows: RowSlice = _rows(0, 0)  # beavertails_train rows for a tiny model's base corpus
     fa_test: str = "official"  # official (validation / test splits) | train_tail (last rows of train)
     fa_test_n: Optional[int] = None  # first n FA test rows (None: all)
     train_tail: int = 500

@@ -8,7 +8,7 @@ both. Every written row gets a ``uid`` (``<source>#<row index>``); the alignment
 harmful slice, the HS prompts (and a tiny model's base corpus) are asserted pairwise
 disjoint by uid, and each task's train rows disjoint from its test rows.
 
-Slices (``data.align`` …) count rows of one kind in table order: safe rows for the
+Slices (``data.align_rows`` …) count rows of one kind in table order: safe rows for the
 alignment set (or refusal rows, ``data.align_source=refusals``), unsafe rows for the harmful
 slices and the HS prompts. A table that cannot be read fails at once with the key to set.
 Task tables are read when present; a task whose table is missing fails when it is used,
@@ -69,7 +69,8 @@ def read_table(d, name: str) -> tuple[list[dict], str]:
            f"upstream columns; relative paths are under data.root)")
     if p is not None:
         if not p.is_file():
-            raise MissingResource(f"data.{name}.path={t.path}: no file at {p}; {fix}")
+            where = "" if d.root or p.is_absolute() else " (data.root is not set: data.root=DIR)"
+            raise MissingResource(f"data.{name}.path={t.path}: no file at {p}{where}; {fix}")
         return read_rows(p), p.name
     if not t.hub:
         raise MissingResource(f"data.{name}: neither a path nor a hub name; {fix}")
@@ -150,14 +151,14 @@ def beavertails_slices(d) -> dict[str, list[dict]]:
         for r in test:
             firsts.setdefault(r["prompt"].strip(), r)
         test = list(firsts.values())
-    out = {"align": _slice(align, d.align), "harmful": _slice(unsafe, d.harmful),
-           "proxy_harmful": _slice(unsafe, d.proxy_harmful),
-           "align_harmful": _slice(unsafe, d.align_harmful), "test": _slice(test, d.hs_test),
-           "base": _slice(train, d.base_corpus)}
-    for name in ("align", "harmful", "test"):
+    out = {"align": _slice(align, d.align_rows), "harmful": _slice(unsafe, d.harmful_rows),
+           "proxy_harmful": _slice(unsafe, d.proxy_rows),
+           "align_harmful": _slice(unsafe, d.align_harmful_rows), "test": _slice(test, d.hs_rows),
+           "base": _slice(train, d.base_rows)}
+    for name, key in (("align", "align_rows"), ("harmful", "harmful_rows"), ("test", "hs_rows")):
         if not out[name]:
-            raise ValueError(f"data.{'hs_test' if name == 'test' else name} selects no rows "
-                             f"(check the slice and the table's safe/unsafe rows)")
+            raise ValueError(f"data.{key} selects no rows (check the slice and the table's "
+                             f"safe/unsafe rows)")
     _assert_disjoint(out, "BeaverTails slices")
     return {k: v for k, v in out.items() if v}
 

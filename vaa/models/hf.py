@@ -35,8 +35,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def is_hf_model(model_cfg) -> bool:
-    """A pretrained model (hub name or local path) instead of the tiny model built from ``arch``."""
-    return bool(model_cfg.get("hub_name") or model_cfg.get("path"))
+    """A pretrained model (hub name or local path) instead of the tiny model built from ``arch``
+    (a config without ``arch`` is a real model whose source is still to be set)."""
+    return bool(model_cfg.get("hub_name") or model_cfg.get("path") or model_cfg.get("arch") is None)
 
 
 def resolve_dtype(model_cfg, precision: str | None) -> str:
