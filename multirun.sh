@@ -22,11 +22,19 @@ command -v vaa >/dev/null || { echo "multirun.sh: no 'vaa' command; pip install 
 export TOKENIZERS_PARALLELISM=false
 sweep_dir="outputs/multirun/$(date +%Y-%m-%d)/$(date +%H-%M-%S)_${preset}"
 echo "multirun.sh: experiment=${preset} $* -> ${sweep_dir}"
+echo "multirun.sh: stage cache ${VAA_CACHE_DIR:-~/.cache/vaa} unless paths.cache_dir=DIR is given (an empty DIR: a cold run)"
 start=${SECONDS}
 status=0
 vaa -m "experiment=${preset}" "hydra.sweep.dir=${sweep_dir}" "$@" || status=$?
 sweep_s=$((SECONDS - start))
 
-vaa-report "${sweep_dir}"
+report_args=()  # a sweep logged to W&B gets its paper table there too
+for arg in "$@"; do
+  case "${arg}" in
+    logger=wandb) report_args+=(--wandb) ;;
+    logger.project=*) report_args+=(--wandb-project "${arg#logger.project=}") ;;
+  esac
+done
+vaa-report "${sweep_dir}" ${report_args[@]+"${report_args[@]}"}
 echo "multirun.sh: sweep ${sweep_s}s (report included: $((SECONDS - start))s), exit status ${status}; report in ${sweep_dir}/report.md"
 exit "${status}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,21 @@ def wandb_records(path: Path):
             yield r
 
 
-def read_run(run_dir: Path) -> dict:
+def read_run(run_dir: Path, wait_s: float = 30.0) -> dict:
+    """The offline run's records. wandb's service process writes the file asynchronously and
+    may still be flushing when ``finish`` has returned: wait for the exit record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read_run(run_dir)
+        if out["exit"] is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_run(run_dir: Path) -> dict:
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline W&B run in {run_dir}, found {files}"
-    out = {"history": [], "summary": {}, "config": {}, "exit": None}
+    out = {"history": [], "summary": {}, "config": {}, "exit": None, "name": None, "group": None}
     for r in wandb_records(files[0]):
         kind = r.WhichOneof("record_type")
         if kind == "run":
@@ -128,3 +140,22 @@ def test_vaa_sampler_logged_and_key_never_written(tmp_path, monkeypatch, no_key)
     for f in run_dir.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f"the W&B key leaked into {f}"
+
+
+def test_report_logged_to_the_sweeps_group(tmp_path, no_key):
+    """`vaa-report DIR --wandb`: the paper table and its figures as one "report" run in the
+    group the sweep's jobs used (their hydra.sweep.dir, read from multirun.yaml)."""
+    from test_report import make_job
+
+    from vaa.report.cli import main as report_main
+
+    for i, (method, hs) in enumerate([("sft", 40.0), ("vaa", 20.0)]):
+        make_job(tmp_path, i, method=method, hs=hs)
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  sweep:\n    dir: outputs/multirun/x/y\n")
+    assert report_main([str(tmp_path), "--wandb"]) == 0
+    run = read_run(tmp_path)
+    assert run["name"] == "report" and run["group"] == "outputs/multirun/x/y" and run["exit"] == 0
+    logged = {k.split("/")[0] for h in run["history"] for k in h}
+    assert {"report", "report", "report_hs_before_after"} <= logged
+    assert json.loads(run["summary"]["sft/sst2_hs_mean"]) == 40.0
+    assert json.loads(run["summary"]["vaa/avg_hs_mean"]) == 20.0

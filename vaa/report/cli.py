@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
                         "attack.harmful_ratio (chosen automatically when the sweep has one task "
                         "and varies one other setting)")
     p.add_argument("--no-figures", action="store_true", help="skip report.png")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log the table and figures as a W&B run in the sweep's group "
+                        "(offline unless WANDB_API_KEY is set)")
+    p.add_argument("--wandb-project", default="vaa", help="W&B project (default: vaa)")
     args = p.parse_args(argv)
     from vaa.report import write_report
 
@@ -27,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     print(result["markdown"])
+    if args.wandb:
+        from vaa.tracking.wandb import log_report
+
+        group = log_report(result["table"], result["paths"], Path(args.dir), project=args.wandb_project)
+        print(f"logged the report to W&B (project {args.wandb_project}, group {group})")
     print("wrote " + ", ".join(str(x) for x in result["paths"]))
     return 0
 

@@ -76,25 +76,32 @@ def report_markdown(t: Table, source: str) -> str:
         before_after_markdown(t), "## Jobs", status_markdown(t)]) + "\n"
 
 
-def write_csv(t: Table, path: Path) -> None:
+def flat_rows(t: Table, missing="") -> tuple[list[str], list[list]]:
+    """The table as a header and one flat row per method (CSV, the W&B table)."""
     cols = [c for c, _ in columns_with_avg(t)]
     header = ["row", "method", "ft_defense", "restore"]
     for c in cols:
         header += [f"{c}_hs_mean", f"{c}_hs_std", f"{c}_fa_mean", f"{c}_fa_std", f"{c}_n"]
+    rows = []
+    for r in t.rows:
+        info = t.row_info[r]
+        row = [r, info["method"], info["ft_defense"], info["restore"]]
+        for c in cols:
+            for d in (t.hs, t.fa):
+                s = d[r, c]
+                row += [missing if s is None else round(s.mean, 4),
+                        missing if s is None or s.std is None else round(s.std, 4)]
+            row.append(0 if t.hs[r, c] is None else t.hs[r, c].n)
+        rows.append(row)
+    return header, rows
+
+
+def write_csv(t: Table, path: Path) -> None:
+    header, rows = flat_rows(t)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        for r in t.rows:
-            info = t.row_info[r]
-            row = [r, info["method"], info["ft_defense"], info["restore"]]
-            for c in cols:
-                for d in (t.hs, t.fa):
-                    s = d[r, c]
-                    row += ["" if s is None else round(s.mean, 4),
-                            "" if s is None or s.std is None else round(s.std, 4)]
-                s = t.hs[r, c]
-                row.append(0 if s is None else s.n)
-            w.writerow(row)
+        w.writerows(rows)
 
 
 def _tex(text: str) -> str:

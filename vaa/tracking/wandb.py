@@ -105,3 +105,34 @@ class WandbTracker:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
         self.run, self._logger = None, None
+
+
+def log_report(table, paths: list, root: Path, project: str = "vaa", entity: str | None = None,
+               mode: str | None = None) -> str:
+    """The sweep's paper table (``vaa-report --wandb``) as one W&B run of job type "report"
+    in the sweep's group: the table, its figures, and each cell's mean in the run summary."""
+    from vaa.report.render import flat_rows
+
+    wandb = import_wandb()
+    mode = resolve_mode(mode)
+    group = sweep_group(root)
+    header, rows = flat_rows(table, missing=None)
+    run = wandb.init(project=project, entity=entity, group=group, name="report", job_type="report",
+                     dir=str(root), mode=mode, reinit="finish_previous",
+                     settings=wandb.Settings(console="off", quiet=True))
+    logged = {"report": wandb.Table(columns=header, data=rows)}
+    logged.update({Path(p).stem: wandb.Image(str(p)) for p in paths if str(p).endswith(".png")})
+    run.log(logged)
+    run.summary.update({f"{r[0]}/{h}": v for r in rows for h, v in zip(header[4:], r[4:])
+                        if v is not None and h.endswith("_mean")})
+    run.finish()
+    return group
+
+
+def sweep_group(root: Path) -> str:
+    """The group the sweep's jobs logged under (their hydra.sweep.dir, as vaa.cli names it)."""
+    try:
+        saved = OmegaConf.load(Path(root) / "multirun.yaml")
+        return str(OmegaConf.select(saved, "hydra.sweep.dir", default=None) or root)
+    except Exception:  # noqa: BLE001 - not a sweep root: the directory names the group
+        return str(root)
