@@ -35,6 +35,6 @@ for arg in "$@"; do
     logger.project=*) report_args+=(--wandb-project "${arg#logger.project=}") ;;
   esac
 done
-vaa-report "${sweep_dir}" ${report_args[@]+"${report_args[@]}"}
-echo "multirun.sh: sweep ${sweep_s}s (report included: $((SECONDS - start))s), exit status ${status}; report in ${sweep_dir}/report.md"
+vaa-report "${sweep_dir}" ${report_args[@]+"${report_args[@]}"} || echo "multirun.sh: no report (no job ran)" >&2
+echo "multirun.sh: sweep ${sweep_s}s (report included: $((SECONDS - start))s), exit status ${status}; ${sweep_dir}/report.md"
 exit "${status}"
