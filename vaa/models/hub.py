@@ -91,7 +91,11 @@ def model_dir(*, path: str | None, hub_name: str | None, revision: str | None,
             f"reached (offline): copy it to this machine (e.g. `huggingface-cli download "
             f"{hub_name} --local-dir DIR` where there is network) and set {key}.path=DIR, or "
             f"point HF_HOME at a cache that holds it")
-    return Path(snapshot_download(hub_name, revision=revision, allow_patterns=MODEL_PATTERNS))
+    local = Path(snapshot_download(hub_name, revision=revision, allow_patterns=MODEL_PATTERNS))
+    if not has_weights(local):  # an older repository with PyTorch .bin weights only
+        local = Path(snapshot_download(hub_name, revision=revision,
+                                       allow_patterns=[*MODEL_PATTERNS, "*.bin"]))
+    return local
 
 
 def has_weights(d: Path) -> bool:
