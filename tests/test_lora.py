@@ -83,6 +83,10 @@ def test_adapter_artifacts_reload_and_chain(base, tmp_path):
     assert not list(a.glob("*.safetensors"))  # adapter only: no base weights in the artifact
     reloaded, _ = load_model(a)
     torch.testing.assert_close(logits(reloaded), want)
+    # merged on load: a plain model with the base model's parameter names (what repair reads)
+    plain, _ = load_model(b)
+    assert not is_peft(reloaded)
+    assert [n for n, _ in reloaded.named_parameters()] == [n for n, _ in plain.named_parameters()]
 
     # double LoRA: the alignment adapter is merged, a fresh one trains and is saved after it
     m, tok = load_model(a)
@@ -96,9 +100,10 @@ def test_adapter_artifacts_reload_and_chain(base, tmp_path):
     torch.testing.assert_close(logits(load_model(tmp_path / "double")[0]), want_ft)
 
     # single LoRA: the same adapter continues; the artifact still holds one adapter
-    m, tok = load_model(a)
+    m, tok = load_model(a, attach_last=True)
     ft = prepare_for_training(m, cfg(src, finetune_adapter="continue_lora"), "finetune")
-    assert is_peft(ft) and all("lora_" in n for n, p in ft.named_parameters() if p.requires_grad)
+    assert ft is m and is_peft(ft)  # the loaded adapter itself, not a fresh one
+    assert all("lora_" in n for n, p in ft.named_parameters() if p.requires_grad)
     torch.testing.assert_close(logits(ft), want)
     nudge(ft, 2)
     want_single = logits(ft)
@@ -116,8 +121,9 @@ def test_adapter_artifacts_reload_and_chain(base, tmp_path):
     assert not (tmp_path / "full" / LINEAGE).exists()
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_pipeline_with_a_local_hf_model(compose, tmp_path, lora):
+@pytest.mark.parametrize("lora,adapter", [(True, "new_lora"), (True, "continue_lora"), (False, "new_lora")],
+                         ids=["double-lora", "single-lora", "full"])
+def test_pipeline_with_a_local_hf_model(compose, tmp_path, lora, adapter):
     """The whole pipeline (world → base → aligned → finetuned, each evaluated) on a tiny
     random causal LM loaded from model.path; LoRA artifacts are adapter-only."""
     from vaa.pipeline.run import run_pipeline
@@ -126,7 +132,7 @@ def test_pipeline_with_a_local_hf_model(compose, tmp_path, lora):
 
     over = ["experiment=smoke", "method=sft", "model=hf", "trainer.progress_bar=false",
             "judge=exact", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4",
-            "model.lora.target_modules=[q_proj,v_proj]"]
+            "model.lora.target_modules=[q_proj,v_proj]", f"model.lora.finetune_adapter={adapter}"]
     c = compose(over)
     from vaa.data.sources import FolderSource
     sizes = {k: v for k, v in OmegaConf.to_container(c.data, resolve=True).items() if k != "name"}
@@ -142,7 +148,8 @@ def test_pipeline_with_a_local_hf_model(compose, tmp_path, lora):
     finetuned = cache / metrics["cache_keys"]["finetuned"]
     if lora:
         assert json.loads((aligned / LINEAGE).read_text())["adapters"] == ["adapter_0"]
-        assert json.loads((finetuned / LINEAGE).read_text())["adapters"] == ["adapter_0", "adapter_1"]
+        chain = ["adapter_0", "adapter_1"] if adapter == "new_lora" else ["adapter_0"]
+        assert json.loads((finetuned / LINEAGE).read_text())["adapters"] == chain
         assert not list(aligned.glob("*.safetensors")) and not list(finetuned.glob("*.safetensors"))
     else:
         assert (aligned / "model.safetensors").is_file() and not (aligned / LINEAGE).exists()

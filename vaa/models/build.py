@@ -44,16 +44,18 @@ def save_model(model, tokenizer, path: str | Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False):
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+               attach_last: bool = False):
     """(model, tokenizer) from a local directory written by ``save_model`` or by the base stage
     of a real model (``lineage.json``: base weights + adapters, see vaa.models.hf). ``dtype``:
-    None keeps each artifact's own (fp32 for whole checkpoints)."""
+    None keeps each artifact's own (fp32 for whole checkpoints). Adapters are merged unless
+    ``attach_last`` (single-LoRA fine-tuning continues the last one)."""
     from vaa.models.hf import LINEAGE, load_lineage, mark_full
 
     p = Path(path)
     if (p / LINEAGE).is_file():
         return load_lineage(p, dtype if isinstance(dtype, str) or dtype is None
-                            else str(dtype).removeprefix("torch."))
+                            else str(dtype).removeprefix("torch."), attach_last=attach_last)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"no model at {p} (expected config.json); set model.path to a "
                                 f"local model directory")

@@ -6,10 +6,12 @@ safetensors). With LoRA a stage saves only adapters: ``lineage.json`` names the 
 (a pretrained directory, or a full checkpoint in the cache) and the ordered adapter folders
 (``adapter_0``, ``adapter_1``, … written by peft's ``save_pretrained``, safetensors) that are
 applied to it; each artifact carries copies of its earlier adapters, so it is self-contained.
-Loading merges every adapter but the last, which stays attached and trainable: a fine-tuning
-stage then continues it (``model.lora.finetune_adapter=continue_lora``, "single LoRA"),
-merges it and attaches a new one (``new_lora``, "double LoRA"), or merges it and trains
-everything (``full``) — see ``prepare_for_training``. The base stage of a real model is only
+Loading merges every adapter, so evaluation and repair see a plain model with the base
+model's parameter names. A fine-tuning stage then attaches a new adapter (``new_lora``,
+"double LoRA") or trains everything (``full``); for ``continue_lora`` ("single LoRA") the
+attack loads the aligned artifact with its last adapter attached and trainable and keeps
+training it (VAA's proxy runs, which load a merged model, start a fresh adapter from the
+same weights) — see ``prepare_for_training``. The base stage of a real model is only
 ``lineage.json`` + the tokenizer: no copy of 7B weights enters the cache.
 
 Tokenizer PAD (baselines.md §1): a tokenizer without PAD gets ``<pad>`` (``model.pad_token=add``;
@@ -115,8 +117,10 @@ def mark_full(model, path: Path, dtype: str = "float32") -> None:
                          "attached_last": False}
 
 
-def load_lineage(path: Path, dtype: str | None = None):
-    """(model, tokenizer) of a base pointer or adapter artifact (see the module docstring)."""
+def load_lineage(path: Path, dtype: str | None = None, attach_last: bool = False):
+    """(model, tokenizer) of a base pointer or adapter artifact (see the module docstring):
+    a plain model with every adapter merged (what evaluation and repair read), or with
+    ``attach_last`` the last adapter attached and trainable (single-LoRA fine-tuning)."""
     from peft import PeftModel
 
     info = json.loads((path / LINEAGE).read_text())
@@ -129,13 +133,12 @@ def load_lineage(path: Path, dtype: str | None = None):
     model = _from_pretrained(src, dtype or base["dtype"], base.get("attn_implementation"))
     fit_embeddings(model, tok)
     adapters = [str((path / a).resolve()) for a in info["adapters"]]
-    lineage = {"base": base, "adapters": adapters, "attached_last": bool(adapters)}
+    attach = attach_last and bool(adapters)
+    lineage = {"base": base, "adapters": adapters, "attached_last": attach}
     for i, a in enumerate(adapters):
-        pm = PeftModel.from_pretrained(model, a, is_trainable=i == len(adapters) - 1)
-        if i < len(adapters) - 1:
-            model = pm.merge_and_unload()
-        else:
-            model = pm
+        keep = attach and i == len(adapters) - 1
+        pm = PeftModel.from_pretrained(model, a, is_trainable=keep)
+        model = pm if keep else pm.merge_and_unload()
     base_model(model).vaa_lineage = lineage
     return model, tok
 
