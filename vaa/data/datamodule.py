@@ -68,8 +68,10 @@ class SFTDataModule(L.LightningDataModule):
         for name, examples in self.extra.items():
             if name not in self.streams:
                 bs = self.extra_batch_size(name, self.batch_size)
+                trainer = getattr(self, "trainer", None)  # data-parallel ranks draw different orders
+                rank = int(trainer.global_rank) if trainer is not None else 0
                 self.streams[name] = GroupStream({0: self.encode(examples)}, bs, collate,
-                                                 stream_seed(self.seed, name), num_groups=1)
+                                                 stream_seed(self.seed, name), rank=rank, num_groups=1)
             if name in self._pending_streams:
                 self.streams[name].load_state_dict(self._pending_streams.pop(name))
 
