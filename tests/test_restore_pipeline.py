@@ -131,3 +131,26 @@ def test_restore_cost_benchmark_reports_ratios(capsys):
     assert rec["benchmark"] == "restore_cost" and rec["hft_epoch_s"] > 0
     assert set(rec["ratio_vs_hft_epoch"]) == {"merge", "antidote"}
     assert rec["passes"]["merge"] == 0 and rec["passes"]["antidote"] > 0
+
+
+FAST_CURVATURE = ["restore=curvature", "restore.geometry.enabled=false", "restore.curvature.iters=3",
+                  "restore.step.outer_steps=1", "restore.step.harmful_clamp=100", "restore.step.task_guard=10",
+                  "restore.n_harmful=16", "restore.n_task=16", "restore.curvature.n_hvp=8", "restore.step.n_val=8"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["restore.curvature.backend=identity"], ["restore.curvature.backend=diag_fisher"],
+    ["restore.curvature.backend=kfac", "restore.curvature.damping=0.1"],
+    ["restore.curvature.backend=lbfgs_ihvp"], ["restore.curvature.hvp=exact"],
+    ["restore.step.objective=refusal"], ["restore.step.variant=influence"],
+    ["restore.step.variant=penalised", "restore.step.lbfgs_max_iter=2"],
+], ids=lambda e: " ".join(x.removeprefix("restore.") for x in e))
+def test_curvature_variants_and_backends_run(run, extra):
+    m, dirs = run(*FAST_CURVATURE, *extra)
+    info = m["stages"]["restored"]["restore"]
+    ft, out = params(dirs["finetuned"]), params(dirs["restored"])
+    changed = {n for n in out if not torch.equal(out[n], ft[n])}
+    assert changed and all(n.endswith("proj.weight") for n in changed)
+    start, end = info["start"], info["steps"][-1]
+    if "restore.step.objective=refusal" not in extra and "penalised" not in extra[0]:
+        assert end["harmful"] > start["harmful"]  # the harmful loss rose

@@ -42,7 +42,7 @@ class StepConfig:
     variant: str = "newton_trust_region"  # newton_trust_region | influence | penalised
     objective: str = "harmful_ascent"  # harmful_ascent (raise L_h) | refusal (lower refusal NLL)
     refusal_split: str = "align"  # beavertails/<split>: harmful prompt → refusal (objective=refusal)
-    outer_steps: int = 3  # K
+    outer_steps: int = 2  # K (spec: 3; the third step was always rejected on the default world)
     trust_radius: float = 0.05  # δ, nats of task loss (½ΔᵀH_λΔ ≤ δ)
     task_guard: float = 0.02  # ε_task: max relative increase of the validation task loss
     harmful_clamp: float = 5.0  # τ, nats
@@ -61,7 +61,7 @@ class CurvatureOptions:
     hvp: str = "ggn"  # exact (double backward) | ggn (Gauss-Newton, PSD)
     damping: float = 1e-3  # λ; relative to mean(diag Fisher) when damping_relative
     damping_relative: bool = True
-    iters: int = 30  # T: CG / L-BFGS iterations
+    iters: int = 10  # T: CG / L-BFGS iterations (spec: 30; 10 repairs as well at a third of the cost)
     history: int = 20  # L-BFGS memory m
     tol: float = 1e-6  # relative residual of CG
     n_hvp: int = 64  # task rows of the curvature estimate (fixed, so H is one matrix)
@@ -71,8 +71,8 @@ class CurvatureOptions:
 class GeometryConfig:
     enabled: bool = True
     top_k: int = 4  # eigenpairs of the harmful-loss GGN at θ_0 and θ_ft
-    power_iters: int = 15
-    n_rows: int = 64
+    power_iters: int = 8
+    n_rows: int = 32
 
 
 @dataclass
