@@ -172,9 +172,10 @@ def prepare_for_training(model, model_cfg, role: str):
     if mode not in ("new_lora", "continue_lora", "full"):
         raise ValueError(f"model.lora.finetune_adapter={mode!r}; use new_lora, continue_lora or full")
     if not enabled or mode == "full":
-        model = _merge(model)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        if is_peft(model) or enabled:  # an adapter merged: every parameter trains again
+            model = _merge(model)
+            for p in model.parameters():
+                p.requires_grad_(True)
     elif mode == "new_lora" or not is_peft(model):
         model = attach_lora(_merge(model), lora)
     else:  # continue_lora: the loaded adapter is already attached and trainable

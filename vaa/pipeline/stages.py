@@ -118,8 +118,8 @@ def load_groups(ctx: Context, examples) -> list[int]:
 def build_finetuned(ctx: Context, out: Path) -> None:
     cfg = ctx.cfg
     lora = cfg.model.get("lora")  # single LoRA: the attack keeps training the aligned adapter
-    model, tokenizer = load_model(ctx.dirs["aligned"], attach_last=bool(
-        lora and lora.enabled and lora.finetune_adapter == "continue_lora"))
+    single = bool(lora and lora.enabled and lora.finetune_adapter == "continue_lora")
+    model, tokenizer = load_model(ctx.dirs["aligned"], **({"attach_last": True} if single else {}))
     t = cfg.task
     task_rows = ctx.source.examples(t.dataset, t.train.file, t.train.start, t.train.stop, t.format)
     harmful = ctx.source.examples("beavertails", "harmful")
