@@ -56,8 +56,10 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
         assert record["max_weight_diff"] <= 1e-6
     if name == "generation":  # greedy: batching must not change the text
         assert record["identical_fraction"] == 1.0
-    if name == "step_cost":  # every registered method (conf/method/*.yaml), relative to SFT
+    if name == "step_cost":  # every method and ft defense (conf/method, conf/ft_defense), vs SFT
         methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+        methods = sorted(methods + [p.stem for p in (ROOT / "conf" / "ft_defense").glob("*.yaml")
+                                    if p.stem != "none"])
         for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms", "extra_state_mb"):
             assert sorted(record[key]) == methods, key
         for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms"):
@@ -65,6 +67,10 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
         assert record["ratio_vs_sft"]["sft"] == 1.0
         assert record["passes"]["sft"] == 1 and record["extra_state_mb"]["sft"] == 0
         assert all(record["realised_passes"][m] >= 1 for m in methods)
+        passes = {"vaccine": 2, "booster": 3, "repnoise": 2, "lisa": 1, "ema": 1, "lookahead": 1}
+        for m, n in passes.items():  # counted decoder forwards per step = the declared passes
+            assert record["realised_passes"][m] == record["passes"][m] == n, m
+        assert set(record["within_target"]) == {"vaccine", "booster"}
         if "vaa" in methods:  # bernoulli mixing: one or two passes a step; SAM restore buffers
             assert 1 <= record["realised_passes"]["vaa"] <= 2
             if record["realised_passes"]["vaa"] > 1:  # a perturbed step allocated them
