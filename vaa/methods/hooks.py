@@ -67,7 +67,19 @@ def _replace_hidden(output, hidden):
     return hidden
 
 
-class CaptureOutputs:
+class _Hooks:
+    """Forward hooks registered on entry (``_handles``), always removed on exit."""
+
+    _handles: list
+
+    def __exit__(self, *exc) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+
+class CaptureOutputs(_Hooks):
     """``with CaptureOutputs(modules) as cap: loss = f(...)`` → ``cap.outputs[l]`` is module
     l's output hidden state (part of the autograd graph: take ``torch.autograd.grad`` of the
     loss w.r.t. it, or read it as an activation)."""
@@ -84,14 +96,8 @@ class CaptureOutputs:
             self._handles.append(m.register_forward_hook(hook))
         return self
 
-    def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        return False
 
-
-class AddToOutputs:
+class AddToOutputs(_Hooks):
     """``with AddToOutputs(modules, deltas): ...`` → each module's output hidden state h
     becomes h + deltas[l] (deltas broadcast to h's shape; ``None`` leaves a module alone)."""
 
@@ -111,9 +117,3 @@ class AddToOutputs:
                 return _replace_hidden(output, h + d.to(h.dtype))
             self._handles.append(m.register_forward_hook(hook))
         return self
-
-    def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        return False
