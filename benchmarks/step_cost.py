@@ -232,7 +232,10 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
 
     total = warmup + steps
     cuda = device == "cuda"
-    method = instantiate(cfg.ft_defense if name in defenses() else cfg.method)
+    node = cfg.ft_defense if name in defenses() else cfg.method
+    if "harmful_batch_size" in node:  # the same batch size for every pass (Booster's upstream 10)
+        node = OmegaConf.merge(node, {"harmful_batch_size": None})
+    method = instantiate(node)
     groups = fixed_groups(len(examples), seed) if getattr(method, "requires_groups", False) else None
     extra = {n: source.examples(d.dataset, d.split, d.start, d.stop, d.format)
              for n, d in cfg.extra_data.items() if n in method.requires}

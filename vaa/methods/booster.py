@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from vaa.methods.base import TrainingMethod
-from vaa.methods.grads import global_norm, stash_grads, trainable_params
+from vaa.methods.grads import global_norm, trainable_params
 from vaa.methods.hooks import ATTENTION, layer_modules
 from vaa.methods.perturb import perturb_weights
 from vaa.methods.vaccine import perturbed_backward
@@ -51,7 +51,6 @@ class Booster(TrainingMethod):
         self.harmful_batch_size = harmful_batch_size
         self.meta_term, self.perturb_aware = bool(meta_term), bool(perturb_aware)
         self.vaccine_rho, self.attn_pattern = float(vaccine_rho), attn_pattern
-        self.stash: list = []
 
     @property
     def passes_per_step(self) -> int:
@@ -63,14 +62,17 @@ class Booster(TrainingMethod):
     def setup(self, module, datamodule) -> None:
         self.harmful = datamodule.streams["harmful"]
         self.params = trainable_params(module.model)
-        self.stash = [None] * len(self.params)
         self.restore_buffers = [None] * len(self.params)  # θ's exact copy, reused every step
         self.layers = layer_modules(module.model, self.attn_pattern) if self.perturb_aware else None
 
-    def zero_grad(self) -> None:
+    def take_grads(self) -> list[torch.Tensor]:
+        """The current gradients, handed over (no copy): ``.grad`` is None afterwards, so the
+        next backward writes fresh tensors, as after SFT's ``zero_grad(set_to_none=True)``."""
+        out = []
         for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+            out.append(p.grad if p.grad is not None else torch.zeros_like(p))
+            p.grad = None
+        return out
 
     def training_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hb = {k: v.to(module.device) for k, v in self.harmful.next_batch(0).items()}
@@ -78,26 +80,22 @@ class Booster(TrainingMethod):
         h = module.lm_loss(hb)  # pass 1: g_h at θ
         module.manual_backward(h)
         logs["harmful_loss"] = h.detach()
-        g_h = stash_grads(self.params, out=self.stash)
-        logs["harmful_grad_norm"] = global_norm(g_h)
-        self.zero_grad()
-        if self.meta_term:
-            logs["harmful_loss_moved"] = self._moved_harmful_grad(module, hb, g_h)
-            # stash ← λ(g_h − g_h′); .grad holds g_h′ (and g_h was negated in place for upstream)
-            with torch.no_grad():
-                for s, p in zip(g_h, self.params):
-                    if s is None or p.grad is None:
-                        continue
-                    if self.variant == "upstream":  # s = −g_h
-                        s.add_(p.grad).mul_(-self.lam)
-                    else:  # s = g_h
-                        s.sub_(p.grad).mul_(self.lam)
-            self.zero_grad()
-        else:
-            with torch.no_grad():
-                for s in g_h:
-                    if s is not None:
-                        s.mul_(self.lam)
+        g_h = self.take_grads()
+        logs["harmful_grad_norm"] = norm = global_norm(g_h)
+        with torch.no_grad():
+            if self.meta_term:
+                logs["harmful_loss_moved"] = self._moved_harmful_grad(module, hb, g_h, norm)
+                # g_h ← λ(g_h − g_h′) with g_h′ taken from .grad (upstream negated g_h in place)
+                g_moved = self.take_grads()
+                if self.variant == "upstream":  # g_h holds −g_h
+                    torch._foreach_add_(g_h, g_moved)
+                    torch._foreach_mul_(g_h, -self.lam)
+                else:
+                    torch._foreach_sub_(g_h, g_moved)
+                    torch._foreach_mul_(g_h, self.lam)
+                del g_moved
+            else:
+                torch._foreach_mul_(g_h, self.lam)
         if self.perturb_aware:  # passes 3-4: Vaccine's perturbed alignment gradient
             vac = perturbed_backward(module, batch, self.layers, self.vaccine_rho)
             loss = vac["loss"]
@@ -106,37 +104,34 @@ class Booster(TrainingMethod):
             loss = module.lm_loss(batch)
             module.manual_backward(loss)
         with torch.no_grad():
-            for s, p in zip(g_h, self.params):
-                if s is None:
-                    continue
+            for g, p in zip(g_h, self.params):
                 if p.grad is None:
-                    p.grad = s.clone()
+                    p.grad = g
                 else:
-                    p.grad.add_(s)
+                    p.grad.add_(g)
         logs["loss"] = loss.detach()
         logs["grad_norm"] = self.apply_gradients(module)
         return logs
 
-    def _moved_harmful_grad(self, module, hb, g_h) -> torch.Tensor:
+    def _moved_harmful_grad(self, module, hb, g_h, norm) -> torch.Tensor:
         """Pass 2: g_h′ into ``.grad`` at the moved point; θ back at θ (upstream) or left at
         θ + 2α·ĝ_h (``vaa_sign_bug``). Returns h at the moved point."""
         if self.variant == "upstream":
-            with torch.no_grad():
-                for s in g_h:
-                    if s is not None:
-                        s.neg_()  # direction −g_h: θ − α·ĝ_h
+            torch._foreach_neg_(g_h)  # direction −g_h: θ − α·ĝ_h
             with perturb_weights(self.params, direction=g_h, rho=self.alpha,
-                                 buffers=self.restore_buffers):
-                h1 = module.lm_loss(hb)
-                module.manual_backward(h1)
+                                 buffers=self.restore_buffers, grad_norm_value=norm):
+                with torch.enable_grad():
+                    h1 = module.lm_loss(hb)
+                    module.manual_backward(h1)
             return h1.detach()
-        scale = self.alpha / (float(global_norm(g_h)) + 1e-7)
+        scale = self.alpha / (float(norm) + 1e-7)
         with torch.no_grad():
             for p, s in zip(self.params, g_h):
                 if s is not None:
                     p.add_(s, alpha=scale)  # the reference's "+" in step 3
-        h1 = module.lm_loss(hb)
-        module.manual_backward(h1)
+        with torch.enable_grad():
+            h1 = module.lm_loss(hb)
+            module.manual_backward(h1)
         with torch.no_grad():
             for p, s in zip(self.params, g_h):
                 if s is not None:
