@@ -206,3 +206,25 @@ def test_vaa_pipeline_estimates_groups_then_aligns(first_run, smoke_cfg, tmp_pat
     share = 100.0 * sum(r["group"] for r in rows) / len(rows)
     assert metrics["groups"]["vulnerable_share"] == pytest.approx(share)
     assert metrics["method"] == "vaa" and metrics["stages"]["aligned"]["cached"] is False
+
+
+@pytest.mark.parametrize("overrides,rebuilt", [
+    (["ft_defense=lookahead"], ["finetuned", "eval_finetuned"]),
+    (["ft_defense=lisa"], ["finetuned", "eval_finetuned"]),
+    (["method=booster"], ["aligned", "eval_aligned", "finetuned", "eval_finetuned"]),
+])
+def test_baselines_run_in_the_pipeline(first_run, smoke_cfg, tmp_path, builds, overrides, rebuilt):
+    """A fine-tuning defense retrains only the attack; an alignment baseline reads its harmful
+    stream and retrains from alignment on; evaluation prompts are never transformed."""
+    cfg = smoke_cfg(*overrides)
+    metrics = run_pipeline(cfg, tmp_path)
+    assert sorted(builds) == sorted(rebuilt)
+    assert metrics["stages"]["finetuned"]["n_hs"] == cfg.data.hs_test
+    _, run_dir, _ = first_run
+    for name in ("finetuned_hs.jsonl", "finetuned_fa.jsonl"):
+        rows = (tmp_path / "predictions" / name).read_text().splitlines()
+        plain = (run_dir / "predictions" / name).read_text().splitlines()
+        key = "prompt" if name.endswith("hs.jsonl") else "input"
+        got = [json.loads(r)[key] for r in rows]
+        assert got == [json.loads(r)[key] for r in plain]  # the same test prompts as without
+        assert not any("answer begins with" in p for p in got)
