@@ -41,29 +41,44 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-7) -> torc
     return out.view_as(a).to(a.dtype)
 
 
+def _linear(pre, post, hp, lam, gen):
+    return (1 - lam) * pre + lam * post
+
+
+def _slerp(pre, post, hp, lam, gen):
+    return slerp(pre, post, lam)
+
+
+def _dare(pre, post, hp, lam, gen):
+    """Task vector with a random ``drop`` fraction dropped and the rest rescaled."""
+    if not 0.0 <= hp.drop < 1.0:
+        raise ValueError(f"restore.drop must be in [0, 1), got {hp.drop}")
+    tau = post - pre
+    keep = torch.rand(tau.shape, generator=gen) >= hp.drop
+    return pre + lam * tau * keep / (1 - hp.drop)
+
+
+def _ties(pre, post, hp, lam, gen):
+    """Task vector trimmed to its ``density`` fraction of largest magnitudes."""
+    tau = post - pre
+    k = max(1, int(round(hp.density * tau.numel())))
+    thresh = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return pre + lam * tau * (tau.abs() >= thresh)
+
+
+# restore.method → rule(pre, post, hp, α, generator): the merged tensor
+MERGE_RULES = {"linear": _linear, "slerp": _slerp, "dare": _dare, "ties": _ties}
+
+
 class Merge(Restorer):
     schema = MergeRestoreConfig
     reads = ("aligned",)
 
     def merge_tensor(self, pre: torch.Tensor, post: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        hp, lam = self.hp, float(self.hp.alpha)
-        if hp.method == "linear":
-            return (1 - lam) * pre + lam * post
-        if hp.method == "slerp":
-            return slerp(pre, post, lam)
-        tau = post - pre
-        if hp.method == "dare":
-            if not 0.0 <= hp.drop < 1.0:
-                raise ValueError(f"restore.drop must be in [0, 1), got {hp.drop}")
-            keep = torch.rand(tau.shape, generator=gen) >= hp.drop
-            tau = tau * keep / (1 - hp.drop)
-        elif hp.method == "ties":
-            k = max(1, int(round(hp.density * tau.numel())))
-            thresh = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
-            tau = tau * (tau.abs() >= thresh)
-        else:
-            raise ValueError(f"restore.method={hp.method!r}; use linear, slerp, dare or ties")
-        return pre + lam * tau
+        rule = MERGE_RULES.get(self.hp.method)
+        if rule is None:
+            raise ValueError(f"restore.method={self.hp.method!r}; use one of {sorted(MERGE_RULES)}")
+        return rule(pre, post, self.hp, float(self.hp.alpha), gen)
 
     @torch.no_grad()
     def restore(self, model, inputs):
