@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 from vaa.report.collect import Job, varying_settings
 
-METHOD_ORDER = ("sft", "vaa", "vaccine", "repnoise", "booster", "gdro")
+METHOD_ORDER = ("sft", "vaa", "vaccine", "repnoise", "repnoise_vaa", "booster", "booster_vaa", "gdro")
 TASK_ORDER = ("sst2", "agnews", "gsm8k", "alpacaeval")
 DISPLAY = {"sft": "SFT", "vaa": "VAA", "vaccine": "Vaccine", "repnoise": "RepNoise",
-           "booster": "Booster", "gdro": "GDRO", "lisa": "Lisa", "ema": "EMA",
+           "booster": "Booster", "repnoise_vaa": "RepNoise (VAA setting)",
+           "booster_vaa": "Booster (VAA setting)", "gdro": "GDRO", "lisa": "Lisa", "ema": "EMA",
            "lookahead": "LookAhead", "sst2": "SST2", "agnews": "AG News", "gsm8k": "GSM8K",
            "alpacaeval": "AlpacaEval"}
 AVG = "avg"
