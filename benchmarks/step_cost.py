@@ -228,6 +228,7 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
     from omegaconf import OmegaConf
 
     from vaa.config.schema import AlignConfig
+    from vaa.data.sources import extra_examples
     from vaa.training.module import AlignModule
 
     total = warmup + steps
@@ -237,8 +238,7 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
         node = OmegaConf.merge(node, {"harmful_batch_size": None})
     method = instantiate(node)
     groups = fixed_groups(len(examples), seed) if getattr(method, "requires_groups", False) else None
-    extra = {n: source.examples(d.dataset, d.split, d.start, d.stop, d.format)
-             for n, d in cfg.extra_data.items() if n in method.requires}
+    extra = extra_examples(source, cfg.extra_data, method.requires)
     dm = method.make_datamodule(examples, tokenizer, groups=groups, extra=extra, batch_size=batch_size,
                                 seed=seed, template="compact", max_length=256, max_prompt_length=512)
     recipe = OmegaConf.structured(AlignConfig(lr=1e-4, batch_size=batch_size))

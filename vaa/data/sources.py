@@ -54,3 +54,16 @@ class FolderSource:
         if not out:
             raise FileNotFoundError(f"no base corpus (*/base.jsonl) under {self.root}")
         return out
+
+
+def extra_examples(source, extra_data, names) -> dict[str, list[Example]]:
+    """The extra data streams a method ``requires`` (``names``), each read from ``source`` as
+    its ``extra_data.<name>`` entry says (dataset, split, start, stop, format)."""
+    out = {}
+    for name in names:
+        if name not in extra_data:
+            raise KeyError(f"a method requires the data stream {name!r} but the config has no "
+                           f"extra_data.{name}; add it (see conf/config.yaml)")
+        d = extra_data[name]
+        out[name] = source.examples(d.dataset, d.split, d.start, d.stop, d.format)
+    return out

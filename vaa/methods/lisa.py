@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vaa.methods.base import TrainingMethod
-from vaa.methods.grads import trainable_params
+from vaa.methods.grads import global_norm, trainable_params
 
 ALIGN, FINETUNE = "align", "finetune"
 
@@ -78,15 +78,15 @@ class Lisa(TrainingMethod):
         other = FINETUNE if self.state == ALIGN else ALIGN
         logs = {"loss": loss.detach(), "lisa/state": torch.tensor(float(self.state == ALIGN))}
         if module.global_step > self.warmup_fraction * module.total_steps and self.rho > 0:
-            sq = torch.zeros((), dtype=torch.float32)
             with torch.no_grad():
-                for p, a in zip(self.params, self.anchors[other]):
-                    diff = p.detach() - a.to(p.device)
-                    sq += diff.float().pow(2).sum().cpu()
+                anchor = [a.to(p.device, non_blocking=True) for p, a in zip(self.params, self.anchors[other])]
+                diff = torch._foreach_sub([p.detach() for p in self.params], anchor)
+                sq = global_norm(diff).pow(2)  # one reduction, no per-tensor host sync
+                for p, d in zip(self.params, diff):
                     if p.grad is None:
-                        p.grad = self.rho * diff
+                        p.grad = d.mul_(self.rho)
                     else:
-                        p.grad.add_(diff, alpha=self.rho)
+                        p.grad.add_(d, alpha=self.rho)
             logs["lisa/proximal"] = 0.5 * self.rho * sq
             logs["lisa/drift"] = sq.sqrt()
         logs["grad_norm"] = self.apply_gradients(module)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaa.data.datamodule import hft_mix
 from vaa.data.groups_file import groups_for, import_reference_indices, read_groups
-from vaa.data.sources import DATASET_FORMATS, FolderSource
+from vaa.data.sources import DATASET_FORMATS, FolderSource, extra_examples
 from vaa.data.templates import TEMPLATES
 from vaa.eval.evaluate import evaluate
 from vaa.eval.scorers import build_scorer
@@ -92,7 +92,7 @@ def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
     groups = load_groups(ctx, examples) if method.requires_groups else None
     model = train(ctx, AlignModule, model, tokenizer, examples, cfg.align, method,
           "aligned" if method_cfg is None else "sft_aligned", cfg.seed, groups=groups,
-          extra=extra_examples(ctx, method.requires))
+          extra=extra_examples(ctx.source, ctx.cfg.extra_data, method.requires))
     save_model(model, tokenizer, out)
     method.write_artifacts(out)
     if groups is not None:
@@ -126,21 +126,8 @@ def build_finetuned(ctx: Context, out: Path) -> None:
     mix = hft_mix(task_rows, harmful, cfg.attack.n, cfg.attack.harmful_ratio)
     defense = instantiate(cfg.ft_defense)
     model = train(ctx, FinetuneModule, model, tokenizer, mix, cfg.attack, defense, "finetuned", cfg.seed,
-          extra=extra_examples(ctx, defense.requires))
+          extra=extra_examples(ctx.source, ctx.cfg.extra_data, defense.requires))
     save_model(model, tokenizer, out)
-
-
-def extra_examples(ctx: Context, names) -> dict[str, list]:
-    """The extra data streams a method ``requires``, each read as ``extra_data.<name>``
-    says (dataset, split, slice, format)."""
-    out = {}
-    for name in names:
-        if name not in ctx.cfg.extra_data:
-            raise KeyError(f"a method requires the data stream {name!r} but the config has no "
-                           f"extra_data.{name}; add it (see conf/config.yaml)")
-        d = ctx.cfg.extra_data[name]
-        out[name] = ctx.source.examples(d.dataset, d.split, d.start, d.stop, d.format)
-    return out
 
 
 def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
