@@ -394,6 +394,45 @@ def test_lookahead_transforms_rows_exactly(world):
     assert ex.input == "a fine film"  # the original row is untouched
 
 
+def test_repnoise_ascent_averages_its_n_l_plus_2_terms():
+    """The issue's numbers: on a 2-layer model the harmful CE and the 3 lens CEs sum to
+    21.7842; upstream divides by N_L + 1 = 3 (7.2614), the mean by 4 (5.4460)."""
+    from vaa.methods.repnoise import ascent_term
+    ce, lens = torch.tensor(6.0), [torch.tensor(v) for v in (5.5, 5.2842, 5.0)]
+    torch.testing.assert_close(ascent_term(ce, lens), torch.log(torch.tensor(5.44605 + 1)))
+    torch.testing.assert_close(ascent_term(ce, lens, "upstream"), torch.log(torch.tensor(7.2614 + 1)))
+    with pytest.raises(ValueError, match="layer_average"):
+        RepNoise(layer_average="sum")
+
+
+@pytest.mark.parametrize("how,count", [("mean", 4), ("upstream", 3)])
+def test_repnoise_step_ascent_is_the_average_of_harmful_ce_and_every_lens(world, how, count):
+    """One step with β = 0, α = 1 on the 2-layer model: the logged ascent term equals
+    log(sum / count + 1) of the four CEs computed here independently (embeddings and both
+    layers through the final norm and the head, plus the model's own harmful CE)."""
+    method = RepNoise(noise_weight=0.0, ascent_weight=1.0, layer_average=how)
+    h, dm, batch = make(world, method, lr=0.0)
+    hb = datamodule(world, RepNoise()).streams["harmful"].next_batch(0)  # the step's first harmful batch
+    m = h.model
+    with torch.no_grad():
+        states = []
+        hooks = [m.model.embed_tokens.register_forward_hook(lambda mod, a, out: states.append(out))]
+        hooks += [layer.register_forward_hook(lambda mod, a, out: states.append(out[0] if isinstance(out, tuple) else out))
+                  for layer in m.model.layers]
+        logits = m(input_ids=hb["input_ids"], attention_mask=hb["attention_mask"]).logits
+        for k in hooks:
+            k.remove()
+        keep = hb["labels"][:, 1:] != -100
+        target = hb["input_ids"][:, 1:][keep]
+        ces = [torch.nn.functional.cross_entropy(logits[:, :-1][keep], target)]
+        ces += [torch.nn.functional.cross_entropy(m.lm_head(m.model.norm(s))[:, :-1][keep], target)
+                for s in states]
+    assert len(ces) == 4  # N_L + 2 with N_L = 2
+    logs = h.step(batch)
+    want = torch.log(torch.stack(ces).sum() / count + 1)
+    torch.testing.assert_close(logs["ascent_log"], want, rtol=1e-5, atol=1e-5)
+
+
 def test_lookahead_trains_on_transformed_rows_only(world):
     method = LookAhead(mode="virtual")
     rows = [Example("Classify the sentiment.", "a fine film", "positive")] * 4

@@ -45,6 +45,7 @@ class RepNoiseMethodConfig(MethodConfig):
     noise_weight: float = 0.001
     ascent_weight: float = 1.0
     mask: str = "response"  # response | diff_tokens (reference)
+    layer_average: str = "mean"  # mean (harmful CE + N_L+1 lens CEs over N_L+2) | upstream (over N_L+1)
     mlp_pattern: str = MLP
     layer_pattern: str = r"(^|\.)layers\.\d+$"
     final_norm: str = "norm"

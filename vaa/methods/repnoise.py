@@ -3,7 +3,7 @@ domenicrosati/representation-noising ``loss.py``). Spec: baselines.md §3.
 
     Loss = CE_M(harmless)
          + β · (1/N_L) Σ_l MMD( flat(a_l^harm ⊙ M), flat(z ⊙ M) ),          z ~ N(0, I)
-         − α · log( [CE_M(harmful) + Σ_{j=0..N_L} CE_M(W_U·norm(H_j^harm))] / (N_L+1) + 1 )
+         − α · log( mean{ CE_M(harmful), CE_M(W_U·norm(H_j^harm)) for j = 0..N_L } + 1 )
 
 a_l: layer l's MLP output on the harmful batch; H_j: the embeddings and every layer's output
 (pre-norm); W_U·norm(·): the logit lens through the final norm and the output head. MMD: each
@@ -19,6 +19,10 @@ Names: ``noise_weight`` = β and ``ascent_weight`` = α (the git-disl / VAA scri
   after padding / truncating the harmless batch to the harmful one's length, token id 0
   ignored (Llama's ``<unk>``, kept for parity); both CEs are taken over M. Under unpaired
   batches M covers almost everything after the first differing token, prompts included.
+``layer_average``: the ascent term averages N_L + 2 CEs (the harmful CE and N_L + 1 lens
+terms). ``mean`` (default) divides their sum by N_L + 2; ``upstream`` divides it by N_L + 1 as
+upstream ``loss.py`` and the spec's formula do (an off-by-one the upstream maintainer agreed
+was wrong; on a 2-layer model the inner value is sum/3 instead of sum/4).
 The logit lens is computed layer by layer at the masked positions only (never all
 (N_L+1)·B·T·V logits at once); hooks are removed on every call.
 """
@@ -33,6 +37,18 @@ from vaa.methods.hooks import MLP, CaptureOutputs, layer_modules
 
 LAYER = r"(^|\.)layers\.\d+$"
 MASKS = ("response", "diff_tokens")
+LAYER_AVERAGES = ("mean", "upstream")
+
+
+def ascent_term(ce_harm: torch.Tensor, lens: list[torch.Tensor], how: str = "mean") -> torch.Tensor:
+    """log(average + 1) of the harmful CE and the N_L + 1 logit-lens CEs (scalars).
+    ``mean``: sum / (N_L + 2); ``upstream``: sum / (N_L + 1) (upstream's count, kept as an option)."""
+    total = ce_harm + torch.stack(lens).sum()
+    if how == "mean":
+        return torch.log(total / (len(lens) + 1) + 1)
+    if how == "upstream":
+        return torch.log(total / len(lens) + 1)
+    raise ValueError(f"method.layer_average must be one of {LAYER_AVERAGES}, got {how!r}")
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, kernels: int = 5, mul: float = 2.0) -> torch.Tensor:
@@ -71,10 +87,13 @@ class RepNoise(TrainingMethod):
 
     def __init__(self, noise_weight: float = 0.001, ascent_weight: float = 1.0, mask: str = "response",
                  mlp_pattern: str = MLP, layer_pattern: str = LAYER, final_norm: str = "norm",
-                 seed: int = 0, **hparams):
+                 seed: int = 0, layer_average: str = "mean", **hparams):
         super().__init__(**hparams)
         if mask not in MASKS:
             raise ValueError(f"method.mask must be one of {MASKS}, got {mask!r}")
+        if layer_average not in LAYER_AVERAGES:
+            raise ValueError(f"method.layer_average must be one of {LAYER_AVERAGES}, got {layer_average!r}")
+        self.layer_average = layer_average
         self.beta, self.alpha, self.mask = float(noise_weight), float(ascent_weight), mask
         self.mlp_pattern, self.layer_pattern, self.final_norm = mlp_pattern, layer_pattern, final_norm
         self.noise = torch.Generator().manual_seed(seed)
@@ -119,8 +138,7 @@ class RepNoise(TrainingMethod):
         ce_harm = masked_ce(head, h_last, ids, m_harm)
         lens = [masked_ce(lambda x: head(self.norm(x)), h, ids, m_harm)
                 for h in [emb.outputs[0], *lay.outputs]]
-        n_l = len(self.layers)
-        ascent = torch.log((ce_harm + torch.stack(lens).sum()) / (n_l + 1) + 1)
+        ascent = ascent_term(ce_harm, lens, self.layer_average)
         keep = torch.cat([torch.zeros_like(m_harm[:, :1]), m_harm], 1).unsqueeze(-1)  # (B, T, 1)
         noise = []
         for a in mlp.outputs:
