@@ -198,6 +198,38 @@ def test_safelora_number_selects_the_lowest_cosines():
     assert sorted(r.info["projected"]) == sorted(lowest)
 
 
+def test_safelora_skips_modules_alignment_left_unchanged_and_selects_among_the_rest():
+    """V = 0 (alignment did not touch the module) gives C = 0/0 and a NaN cosine: such modules
+    are skipped with a reason, never projected, and the k lowest are chosen among the rest."""
+    base, aligned, ft = tiny_llama(0), tiny_llama(1), tiny_llama(2)
+    frozen = []
+    with torch.no_grad():
+        for i, layer in enumerate(aligned.model.layers):
+            for proj in ("q_proj", "k_proj"):
+                getattr(layer.self_attn, proj).weight.copy_(getattr(base.model.layers[i].self_attn, proj).weight)
+                frozen.append(f"model.layers.{i}.self_attn.{proj}.weight")
+    before = {k: v.clone() for k, v in ft.named_parameters()}
+    r = SafeLoRA(select="number", num_proj_layers=3)
+    out = r.restore(ft, stub_inputs(aligned=aligned, base=base))
+    assert sorted(r.info["skipped"]) == sorted(frozen)
+    assert all("V = " in why for why in r.info["skipped"].values())
+    assert not set(r.info["cosines"]) & set(frozen)
+    assert all(math.isfinite(c) for c in r.info["cosines"].values()) and len(r.info["cosines"]) == 4
+    lowest = sorted(r.info["cosines"], key=r.info["cosines"].get)[:3]
+    assert sorted(r.info["projected"]) == sorted(lowest)
+    params = dict(out.named_parameters())
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert all(torch.equal(params[n], before[n]) for n in frozen)
+
+
+def test_safelora_default_num_proj_layers_is_the_specs():
+    from vaa.restore.schema import SafeLoRARestoreConfig
+    import yaml
+    from pathlib import Path
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/restore/safelora.yaml").read_text())
+    assert SafeLoRARestoreConfig().num_proj_layers == conf["num_proj_layers"] == 10
+
+
 def test_row_topk_mask_selects_the_largest_scores_per_row():
     s = torch.tensor([[1.0, 5.0, 3.0, 2.0], [9.0, 0.0, 1.0, 8.0]])
     m = row_topk_mask(s, 0.5)
