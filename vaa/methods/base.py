@@ -13,10 +13,16 @@ from typing import Any
 
 import torch
 
+from vaa.methods.grads import clip_global_, is_sharded
+from vaa.methods.precision import precision_of
+
 
 class TrainingMethod:
     name = "base"
     passes_per_step = 1  # forward+backward passes per optimizer step (benchmarks.step_cost)
+    # True: correct under FSDP (norms all-reduced over shards, no parameter snapshot taken
+    # before sharding). Others are refused under trainer=fsdp (vaa.methods.precision).
+    fsdp_safe = False
 
     def __init__(self, **hparams: Any):
         self.hparams = hparams
@@ -53,17 +59,32 @@ class TrainingMethod:
 
     def apply_gradients(self, module) -> torch.Tensor:
         """Clip the accumulated gradients (global L2), step the optimizer and the schedule,
-        zero the gradients. Returns the pre-clip gradient norm."""
+        zero the gradients. Returns the pre-clip gradient norm. Under a sharded strategy the
+        norm is all-reduced over the shards (:func:`vaa.methods.grads.clip_global_`), not
+        each rank's local one."""
         opt = module.optimizers()
         clip = module.recipe.grad_clip
         params = [p for p in module.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = clip_global_(params, clip if clip > 0 else float("inf"), sharded=is_sharded(module))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched = module.lr_schedulers()
         if sched is not None:
             sched.step()
         return norm
+
+    def measure_at(self, module) -> str | None:
+        """The training precision (``trainer.precision``) on the steps where a method measures
+        what its perturbation became after rounding (the first step, then every
+        ``log_every_n_steps``), else None: the measurement costs one read of the perturbed
+        tensors, so it is not taken on every step."""
+        trainer = getattr(module, "_trainer", None)
+        every = max(1, trainer.log_every_n_steps) if trainer is not None else 1
+        first = not getattr(self, "_measured_once", False)
+        if first or module.global_step % every == 0:
+            self._measured_once = True
+            return precision_of(module)
+        return None
 
     def write_artifacts(self, out_dir) -> None:
         """Method-specific outputs saved beside the trained model (e.g. VAA's sampler

@@ -105,3 +105,42 @@ def mix_grads(params: Iterable[Tensor], stashed: Sequence[Optional[Tensor]], lam
         p.grad.mul_(lam)
         if g0 is not None:
             p.grad.add_(g0.mul_(1 - lam))
+
+
+def is_sharded(module) -> bool:
+    """Whether the module trains under a strategy that shards parameters and gradients (FSDP,
+    Lightning's ModelParallelStrategy): each rank's ``.grad`` then holds only its shard."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return False
+    name = type(trainer.strategy).__name__
+    return "FSDP" in name or "ModelParallel" in name
+
+
+@torch.no_grad()
+def sharded_norm(tensors: Sequence[Optional[Tensor]], sharded: bool) -> Tensor:
+    """Global L2 norm of ``tensors``; with ``sharded`` each rank holds a disjoint shard, so the
+    squared local norms are summed over ranks (``all_reduce``) before the square root — the
+    per-shard norm that ``clip_grad_norm_`` gives on local FSDP shards is wrong."""
+    local = global_norm(tensors)
+    if not sharded or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return local
+    sq = local.square().to(next((t.device for t in tensors if t is not None), local.device))
+    torch.distributed.all_reduce(sq, op=torch.distributed.ReduceOp.SUM)
+    return sq.sqrt().cpu()
+
+
+@torch.no_grad()
+def clip_global_(params: Sequence[Tensor], max_norm: float, sharded: bool = False) -> Tensor:
+    """Scale the ``.grad`` of ``params`` in place so that their global L2 norm is at most
+    ``max_norm`` (``torch.nn.utils.clip_grad_norm_`` semantics, coefficient
+    ``max_norm / (norm + 1e-6)`` capped at 1); with ``sharded`` the norm is the all-reduced
+    one (:func:`sharded_norm`). Returns the pre-clip norm (float32 0-dim)."""
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = sharded_norm(grads, True)
+    coef = float(max_norm) / (float(norm) + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)
+    return norm

@@ -99,21 +99,47 @@ class CaptureOutputs(_Hooks):
 
 class AddToOutputs(_Hooks):
     """``with AddToOutputs(modules, deltas): ...`` → each module's output hidden state h
-    becomes h + deltas[l] (deltas broadcast to h's shape; ``None`` leaves a module alone)."""
+    becomes h + deltas[l] (deltas broadcast to h's shape; ``None`` leaves a module alone).
 
-    def __init__(self, modules: Sequence[nn.Module], deltas: Sequence[torch.Tensor | None]):
+    ``measure=True``: on each module's first forward, the realised delta (h + d) − h in h's
+    dtype is compared with d: ``realised_norm`` (global L2 over modules) and ``realised_cos``
+    after the forward — in bf16 a small ε rounds away (vaa.methods.precision)."""
+
+    def __init__(self, modules: Sequence[nn.Module], deltas: Sequence[torch.Tensor | None],
+                 measure: bool = False):
         if len(deltas) != len(modules):
             raise ValueError(f"{len(deltas)} deltas for {len(modules)} modules")
         self.modules, self.deltas = list(modules), list(deltas)
+        self.measure = measure
+        self._sums: dict[int, tuple[float, float, float]] = {}  # module → (‖r‖², r·d, ‖d‖²)
         self._handles: list = []
 
+    @property
+    def realised_norm(self) -> float:
+        return sum(v[0] for v in self._sums.values()) ** 0.5
+
+    @property
+    def realised_cos(self) -> float:
+        dot = sum(v[1] for v in self._sums.values())
+        denom = self.realised_norm * sum(v[2] for v in self._sums.values()) ** 0.5
+        return dot / denom if denom > 0 else float("nan")
+
+    def _record(self, i: int, h: torch.Tensor, out: torch.Tensor, d: torch.Tensor) -> None:
+        with torch.no_grad():
+            r = out.detach().float() - h.detach().float()
+            df = d.detach().float().expand_as(r)
+            self._sums[i] = (float(r.square().sum()), float((r * df).sum()), float(df.square().sum()))
+
     def __enter__(self) -> "AddToOutputs":
-        for m, d in zip(self.modules, self.deltas):
+        for i, (m, d) in enumerate(zip(self.modules, self.deltas)):
             if d is None:
                 continue
 
-            def hook(_mod, _args, output, d=d):
+            def hook(_mod, _args, output, d=d, i=i):
                 h = _hidden(output)
-                return _replace_hidden(output, h + d.to(h.dtype))
+                out = h + d.to(h.dtype)
+                if self.measure and i not in self._sums:
+                    self._record(i, h, out, d)
+                return _replace_hidden(output, out)
             self._handles.append(m.register_forward_hook(hook))
         return self

@@ -13,6 +13,7 @@ from vaa.methods.base import TrainingMethod
 
 class SFT(TrainingMethod):
     name = "sft"
+    fsdp_safe = True  # no state; the clip's norm is all-reduced over shards (apply_gradients)
 
     def training_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss = module.lm_loss(batch)

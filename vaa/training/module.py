@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from vaa.methods.base import TrainingMethod
+from vaa.methods.precision import check_strategy
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,6 +50,7 @@ class CausalLMModule(L.LightningModule):
         return response_loss(model or self.model, batch)
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logs = self.method.training_step(self, batch)
+        self.last_logs = logs  # the progress line/bar reads the latest loss (training/progress.py)
         # Lightning writes step metrics every log_every_n_steps anyway; calling log_dict only
         # then halves the loop overhead (benchmarks.loop_overhead --explain: 2.0 → 1.0 ms/step).
         every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
@@ -57,6 +59,9 @@ class CausalLMModule(L.LightningModule):
                           prog_bar=True, on_step=True, batch_size=self.recipe.batch_size)
 
     def setup(self, stage: str) -> None:
+        # Refuse fp16 mixed precision and FSDP for methods that would compute wrong there,
+        # before any step (vaa.methods.precision).
+        check_strategy(self.method, self.trainer.precision, type(self.trainer.strategy).__name__)
         # The datamodule is set up first; a checkpoint is restored after this hook.
         self.method.setup(self, self.trainer.datamodule)
 
