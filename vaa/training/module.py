@@ -67,6 +67,9 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.method.on_train_end(self)
+        handoff = getattr(self, "state_handoff", None)
+        if handoff is not None and self.global_rank == 0 and spawned(self.trainer):
+            torch.save(self.method.state_dict(), handoff)  # read back by fit_and_recover
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over data-parallel ranks (identity on one device): every rank's sampler
@@ -109,3 +112,28 @@ class FinetuneModule(CausalLMModule):
 
 class PretrainModule(CausalLMModule):
     log_prefix = "base"
+
+
+def spawned(trainer) -> bool:
+    """Whether training runs in child processes (``ddp_spawn``, ``ddp_fork``): only the
+    weights come back to the main process by themselves."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def fit_and_recover(trainer, module: CausalLMModule, datamodule, ckpt_path=None) -> None:
+    """``trainer.fit`` and, under a spawning strategy, the method's state back from rank 0
+    (VAA's sampler trajectory and stats, EMA's counters, …): Lightning returns only the
+    weights from the children, so without this ``dro_trajectory.json`` would be empty."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="vaa-handoff-") as tmp:
+        module.state_handoff = Path(tmp) / "method_state.pt"
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            if spawned(trainer) and module.state_handoff.is_file():
+                module.method.load_state_dict(torch.load(module.state_handoff, weights_only=True))
+        finally:
+            module.state_handoff = None
