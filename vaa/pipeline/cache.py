@@ -5,6 +5,12 @@ artifacts, so changing one stage invalidates it and everything downstream of it,
 but nothing upstream. Artifacts are built in a private temp dir and renamed into
 place only after a ``_COMPLETE`` marker has been written, so a crash or exception
 can never leave a half-written directory that later looks valid.
+
+Layout of the root: ``<key>/`` complete entries (``_COMPLETE`` + ``provenance.json``: the stage,
+the hashed config subtree, the upstream keys, the run's overrides, the builder);
+``.tmp-<key>-<uuid>/`` a build in progress (``builder.json`` + ``artifact/``, renamed to
+``<key>/`` when done); ``.work-<key>/`` a training stage's resumable checkpoints (with its
+``builder.json``); ``<key>.lock``. ``vaa-cache`` (vaa/cache_cli.py) lists, sizes and prunes it.
 """
 from __future__ import annotations
 
@@ -15,11 +21,17 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vaa.pipeline.builders import builder_gone, write_record
+
 log = logging.getLogger(__name__)
 
 # Bump when the hashing scheme or on-disk layout changes: every old key becomes unreachable.
 CACHE_VERSION = 1
 MARKER = "_COMPLETE"
+PROVENANCE = "provenance.json"  # who built an entry, from which config (vaa-cache ls)
+TMP_PREFIX, WORK_PREFIX, ARTIFACT = ".tmp-", ".work-", "artifact"
+ORPHAN_AFTER_S = 24 * 3600  # a temp dir of another host (or without a record) idle this long is abandoned
+_PAYLOADS: dict[str, dict] = {}  # key -> the config and upstream it hashes (this process), for provenance
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # keys become directory names
 
 
@@ -67,7 +79,11 @@ def stage_key(
     else:  # a bare list of keys carries no role information, so order is irrelevant
         up = sorted(str(u) for u in upstream)
     payload = {"version": CACHE_VERSION, "stage": stage, "config": _plain(config), "upstream": up}
-    return f"{stage}-{hashlib.sha256(_canonical(payload).encode('ascii')).hexdigest()[:16]}"
+    key = f"{stage}-{hashlib.sha256(_canonical(payload).encode('ascii')).hexdigest()[:16]}"
+    if len(_PAYLOADS) > 4096:  # a long sweep in one process: forget the oldest
+        _PAYLOADS.pop(next(iter(_PAYLOADS)))
+    _PAYLOADS[key] = {"config": payload["config"], "upstream": up}
+    return key
 
 
 class ArtifactCache:
@@ -88,6 +104,30 @@ class ArtifactCache:
     def meta(self, key: str) -> dict:
         return json.loads((self.path(key) / MARKER).read_text())
 
+    def lock_path(self, key: str) -> Path:
+        return self.root / f"{key}.lock"
+
+    def work_dir(self, key: str) -> Path:
+        """``.work-<key>/`` for a training stage's resumable checkpoints, created with this
+        process's builder record (a resumed stage adopts the folder: the record is rewritten)."""
+        d = self.root / f"{WORK_PREFIX}{self.path(key).name}"
+        d.mkdir(parents=True, exist_ok=True)
+        write_record(d, key=key)
+        return d
+
+    def collect_orphans(self, key: str) -> list[Path]:
+        """Remove the ``.tmp-<key>-*`` folders whose builder is gone (dead pid on this host;
+        another host or no record: idle for ``ORPHAN_AFTER_S``). Call only while holding the
+        key's lock. ``.work-<key>`` stays: the build about to start resumes from it."""
+        removed = []
+        for tmp in self.root.glob(f"{TMP_PREFIX}{key}-*"):
+            gone, why = builder_gone(tmp, ORPHAN_AFTER_S)
+            if gone and tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.info("removed %s: its builder is gone (%s)", tmp, why)
+                removed.append(tmp)
+        return removed
+
     def get_or_create(
         self,
         key: str,
@@ -95,13 +135,16 @@ class ArtifactCache:
         *,
         description: str = "",
         extra: Optional[Mapping] = None,
+        provenance: Optional[Mapping] = None,
     ) -> Tuple[Path, bool]:
-        """Return ``(path, built_now)``. ``build(tmp_dir)`` may return a dict stored in meta."""
+        """Return ``(path, built_now)``. ``build(tmp_dir)`` gets an empty folder and may return
+        a dict stored in meta. ``provenance`` (e.g. the run's overrides) goes into the entry's
+        ``provenance.json`` beside the config and upstream keys ``stage_key`` hashed."""
         final = self.path(key)
         if self.has(key):  # fast path, no lock
             return final, False
         self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / f"{key}.lock"))
+        lock = FileLock(str(self.lock_path(key)))
         try:
             lock.acquire(timeout=1)
         except Timeout:
@@ -110,22 +153,31 @@ class ArtifactCache:
         try:
             if self.has(key):  # someone else built it while we waited
                 return final, False
-            tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex}"
+            self.collect_orphans(key)  # the safe part of `vaa-cache gc`, for this entry
+            tmp = self.root / f"{TMP_PREFIX}{key}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:
-                info = build(tmp)
+                builder = write_record(tmp, key=key)
+                out = tmp / ARTIFACT
+                out.mkdir()
+                info = build(out)
+                prov = {"key": key, "description": description, **_PAYLOADS.get(key, {}),
+                        **_plain(dict(provenance or {})), "builder": builder,
+                        "build_seconds": round(time.time() - builder["started"], 3)}
+                (out / PROVENANCE).write_text(json.dumps(prov, indent=1, sort_keys=True))
                 meta = {"key": key, "description": description, "created": time.time(),
                         "host": socket.gethostname(), "cache_version": CACHE_VERSION,
                         "extra": _plain({**(extra or {}), **(info or {})})}
-                (tmp / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
+                (out / MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True))
                 if final.is_dir() and not final.is_symlink():  # stale, incomplete: never trusted
                     shutil.rmtree(final)
                 elif final.exists() or final.is_symlink():
                     final.unlink()
-                os.replace(tmp, final)
+                os.replace(out, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            shutil.rmtree(tmp, ignore_errors=True)
             return final, True
         finally:
             lock.release()

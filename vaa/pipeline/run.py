@@ -9,7 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
@@ -30,10 +30,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     ctx = S.Context(cfg=cfg, cache=cache, keys=plan_keys(cfg), run_dir=run_dir)
     timing: dict[str, float] = {}
     cached: dict[str, bool] = {}
+    provenance = {"overrides": run_overrides(run_dir), "run_dir": str(run_dir.resolve())}  # vaa-cache ls
 
     def stage(name: str, build) -> None:
         t0 = time.perf_counter()
-        path, built = cache.get_or_create(ctx.keys[name], build, description=name)
+        path, built = cache.get_or_create(ctx.keys[name], build, description=name, provenance=provenance)
         ctx.dirs[name] = path
         timing[name] = round(time.perf_counter() - t0, 3)
         cached[name] = not built
@@ -79,6 +80,16 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_summary(metrics)
     return metrics
+
+
+def run_overrides(run_dir: Path) -> list[str] | None:
+    """The command-line overrides of this job (Hydra's), recorded in each entry it builds."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(saved)) if saved.is_file() else None
 
 
 def evaluate_stage(ctx, name: str, stage, cached: bool) -> dict:

@@ -46,7 +46,7 @@ class Context:
         return FolderSource(self.dirs["world"])
 
     def work_dir(self, stage: str) -> Path | None:  # resumable checkpoints of an unfinished stage
-        return self.cache.root / f".work-{self.keys[stage]}" if stage in self.keys else None
+        return self.cache.work_dir(self.keys[stage]) if stage in self.keys else None
 
 
 def build_world(ctx: Context, out: Path) -> None:
