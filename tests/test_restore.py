@@ -1,6 +1,7 @@
 """Maths of the post-fine-tuning repairs (vaa/restore/): inverse-HVP solvers against dense
-solves, the trust-region / influence step against its closed form on a quadratic problem,
-Gauss-Newton = Hessian where the network is linear, K-FAC statistics, and each weight-space
+solves, the trust-region / influence steps of CurvatureRestore itself against dense solves of
+the same curvature, Gauss-Newton against its definition on a network where it differs from
+the Hessian, K-FAC statistics, and each weight-space
 repair (merge endpoints, SafeLoRA selection, Antidote's pruned fraction, fake quantisation)
 on small models built here (no training, no files)."""
 
@@ -15,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vaa.restore import curvature_ops as C
 from vaa.restore.antidote import Antidote, row_topk_mask
+from vaa.restore.curvature import CurvatureRestore
 from vaa.restore.merge import Merge
 from vaa.restore.q_realign import fake_quant
 from vaa.restore.safelora import SafeLoRA
@@ -56,35 +58,6 @@ def test_inverse_hvp_solvers_match_dense_solve(solver):
     assert torch.allclose(x, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_trust_region_step_is_the_exact_newton_step_and_spends_delta():
-    """Δ = η·H⁻¹g with η = sqrt(2δ / gᵀH⁻¹g): the closed form, and at the task optimum the
-    task loss rises by exactly δ (the loss is quadratic)."""
-    w, lt, lh, h, _ = regression()
-    delta = 0.05
-    g, _ = C.gradient(lh, [w])
-    x, _ = C.cg_solve(lambda v: C.hvp_exact(lt, [w], v), g, 50, 1e-12)
-    eta = math.sqrt(2 * delta / float(g @ x))
-    before = float(lt[0][0]().detach())
-    C.add_([w], x, eta)
-    newton = torch.linalg.solve(h, g)
-    expected = math.sqrt(2 * delta / float(g @ newton)) * newton
-    assert torch.allclose(eta * x, expected, atol=1e-5)
-    assert float(lt[0][0]().detach()) - before == pytest.approx(delta, rel=1e-4)
-    # among steps with the same task cost, it raises the harmful loss most (to first order)
-    assert float(g @ (eta * x)) >= float(g @ (math.sqrt(2 * delta / float(g @ h @ g)) * g)) - 1e-6
-
-
-def test_influence_step_matches_closed_form():
-    w, lt, lh, h, xh = regression(seed=1)
-    w0, lam, n = w.detach().clone(), 1e-3, 1000
-    g, _ = C.gradient(lh, [w])
-    x, _ = C.cg_solve(lambda v: C.hvp_exact(lt, [w], v) + lam * v, g, 50, 1e-12)
-    C.add_([w], x, len(xh) / n)
-    # removing the n_h harmful points: +(1/n) H⁻¹ Σ ∇ℓ(z) = (n_h/n) H⁻¹ ∇L_h
-    ref = w0 + (len(xh) / n) * torch.linalg.solve(h + lam * torch.eye(len(g)), g)
-    assert torch.allclose(w.detach(), ref, atol=1e-6)
-
-
 def test_cg_stops_at_negative_curvature():
     a = torch.diag(torch.tensor([1.0, -2.0, 3.0]))
     b = torch.tensor([1.0, 1.0, 1.0])
@@ -93,16 +66,34 @@ def test_cg_stops_at_negative_curvature():
 
 
 # --------------------------------------------------------------------------- GGN, Fisher, K-FAC
-def test_ggn_equals_hessian_for_a_linear_softmax_model():
+def test_ggn_is_jt_h_out_j_and_not_the_hessian_on_a_nonlinear_network():
+    """logits = tanh(x W1ᵀ) W2ᵀ: ggn_vp equals Jᵀ H_out J built from the full Jacobian, with
+    H_out = (diag p − p pᵀ)/N per row; it is PSD and differs from the Hessian (the network's
+    second derivative is not zero), which a linear model could not tell apart."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 5, generator=g), torch.randint(0, 4, (12,), generator=g)
-    w = torch.nn.Parameter(0.3 * torch.randn(4, 5, generator=g))
-    loss = [(lambda: torch.nn.functional.cross_entropy(x @ w.T, y), 1.0)]
-    logits = [(lambda: (x @ w.T, y), 1.0)]
-    hess = dense(lambda v: C.hvp_exact(loss, [w], v), 20)
-    ggn = dense(lambda v: C.ggn_vp(logits, [w], v), 20)
-    assert torch.allclose(hess, ggn, atol=1e-6)
+    w1 = torch.nn.Parameter(0.8 * torch.randn(3, 5, generator=g))
+    w2 = torch.nn.Parameter(0.8 * torch.randn(4, 3, generator=g))
+    net = lambda a, b: torch.tanh(x @ a.T) @ b.T  # noqa: E731
+    loss = [(lambda: torch.nn.functional.cross_entropy(net(w1, w2), y), 1.0)]
+    logits = [(lambda: (net(w1, w2), y), 1.0)]
+    dim = w1.numel() + w2.numel()
+    ggn = dense(lambda v: C.ggn_vp(logits, [w1, w2], v), dim)
+    hess = dense(lambda v: C.hvp_exact(loss, [w1, w2], v), dim)
+    ja, jb = torch.autograd.functional.jacobian(net, (w1.detach(), w2.detach()))
+    jac = torch.cat([ja.reshape(12, 4, -1), jb.reshape(12, 4, -1)], -1)  # (N, V, P)
+    p = torch.softmax(net(w1, w2).detach(), -1)
+    h_out = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / 12
+    ref = torch.einsum("nvp,nvw,nwq->pq", jac, h_out, jac)
+    assert torch.allclose(ggn, ref, atol=1e-6)
     assert torch.linalg.eigvalsh((ggn + ggn.T) / 2).min() > -1e-6  # PSD
+    assert float((hess - ggn).norm() / ggn.norm()) > 0.05  # not the Hessian here
+    # and where the network is linear in the parameters, GGN = Hessian
+    w = torch.nn.Parameter(0.3 * torch.randn(4, 5, generator=g))
+    lin_loss = [(lambda: torch.nn.functional.cross_entropy(x @ w.T, y), 1.0)]
+    lin_logits = [(lambda: (x @ w.T, y), 1.0)]
+    assert torch.allclose(dense(lambda v: C.hvp_exact(lin_loss, [w], v), 20),
+                          dense(lambda v: C.ggn_vp(lin_logits, [w], v), 20), atol=1e-6)
 
 
 def test_diag_fisher_is_the_mean_squared_per_example_gradient():
@@ -287,3 +278,108 @@ def test_iterative_inverse_ggn_vp_agrees_with_dense_solve_on_a_small_model(solve
     ref = torch.linalg.solve(h.double() + lam * torch.eye(w.numel(), dtype=torch.double), grad.double())
     assert float((x.double() - ref).norm() / ref.norm()) < 1e-3
     assert model.config._attn_implementation != "eager"  # the model's kernel is set back
+
+
+# --------------------------------------------------------------------------- curvature steps (the code, not a re-implementation)
+def lm_batch(seed: int, rows: int = 4, width: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 30, (rows, width), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a 3-token prompt, the rest is the response
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def curvature_inputs(attack_n: int = 40):
+    """What CurvatureRestore reads of RestoreInputs: one task batch (also the HVP and
+    validation batch) and one harmful batch of 4 rows; the attack's n."""
+    from omegaconf import OmegaConf
+    task, harm = lm_batch(1), lm_batch(2)
+    return SimpleNamespace(cfg=OmegaConf.create({"attack": {"n": attack_n}}),
+                           task=lambda n, last=False: "task", harmful=lambda hp: "harm",
+                           batches=lambda ex, bs: [{"task": task, "harm": harm}[ex]]), task, harm
+
+
+def curvature(backend="cg", **step):
+    return CurvatureRestore(modules=["v_proj"], geometry={"enabled": False},
+                            step={"outer_steps": 1, **step},
+                            curvature={"backend": backend, "hvp": "ggn", "iters": 100, "tol": 1e-9,
+                                       "damping": 1e-1})
+
+
+def dense_newton(model, restorer, task, harm):
+    """(H_λ⁻¹g, g) with H the task GGN built densely from ggn_vp, λ the restorer's damping."""
+    from vaa.restore.curvature import logit_terms, loss_terms
+    params = [l.self_attn.v_proj.weight for l in model.model.layers]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    with C.eager_attention(model):
+        g, _ = C.gradient(loss_terms(model, [harm]), params)
+        h = dense(lambda v: C.ggn_vp(logit_terms(model, [task]), params, v), g.numel())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    a = h.double() + restorer.info["damping"] * torch.eye(g.numel(), dtype=torch.double)
+    return torch.linalg.solve(a, g.double()), g.double()
+
+
+def v_weights(model) -> torch.Tensor:
+    return torch.cat([l.self_attn.v_proj.weight.detach().reshape(-1) for l in model.model.layers])
+
+
+def test_influence_step_is_plus_n_h_over_n_times_the_inverse_curvature_gradient(attack_n=40):
+    """θ ← θ + (n_h/n)·H_λ⁻¹∇L_h (spec §1.2: removing the harmful points *raises* their loss),
+    n = the attack's n (not a fixed 1000), checked against a dense solve of the same H."""
+    model, inputs = tiny_llama(0, hidden=8), None
+    inputs, task, harm = curvature_inputs(attack_n)
+    r = curvature(variant="influence")
+    before = v_weights(model)
+    r.restore(model, inputs)
+    assert r.info["influence_n"] == attack_n
+    x, g = dense_newton(model_at(model, before), r, task, harm)
+    step = (v_weights(model) - before).double()
+    want = (4 / attack_n) * x  # n_h = 4 harmful rows
+    assert float((step - want).norm() / want.norm()) < 2e-3
+    assert float(step @ g) > 0  # the harmful loss rises to first order
+    assert CurvatureRestore(step={"influence_n": 1000}).hp.step.influence_n == 1000  # explicit n wins
+
+
+def model_at(model, flat_v: torch.Tensor):
+    """A copy of ``model`` with its v_proj weights set back to ``flat_v``."""
+    import copy
+    m = copy.deepcopy(model)
+    i = 0
+    with torch.no_grad():
+        for l in m.model.layers:
+            w = l.self_attn.v_proj.weight
+            w.copy_(flat_v[i:i + w.numel()].view_as(w))
+            i += w.numel()
+    return m
+
+
+def test_trust_region_step_calls_the_code_and_is_the_damped_newton_step_spending_delta():
+    """Newton trust region through CurvatureRestore: the accepted step is η·H_λ⁻¹g with
+    η = sqrt(2δ / gᵀH_λ⁻¹g), so ½ΔᵀH_λΔ = δ (dense solve of the same H as the reference)."""
+    delta = 0.05
+    model = tiny_llama(0, hidden=8)
+    inputs, task, harm = curvature_inputs()
+    r = curvature(variant="newton_trust_region", trust_radius=delta, task_guard=1e9, harmful_clamp=1e9)
+    before = v_weights(model)
+    r.restore(model, inputs)
+    x, g = dense_newton(model_at(model, before), r, task, harm)
+    eta = math.sqrt(2 * delta / float(g @ x))
+    step = (v_weights(model) - before).double()
+    assert float((step - eta * x).norm() / (eta * x).norm()) < 2e-3
+    assert r.info["steps"][0]["eta"] == pytest.approx(eta, rel=1e-3)
+    assert 0.5 * eta * float(step @ g) == pytest.approx(delta, rel=2e-3)  # ½ΔᵀH_λΔ = δ
+    assert float(step @ g) > 0
+
+
+def test_rejected_trust_region_steps_leave_theta_bit_identical():
+    """No trial accepted (the task guard can never hold): after max_backtracks + 1 trials θ is
+    restored from a copy, bit for bit (add-then-subtract left fp32 residue)."""
+    model = tiny_llama(0, hidden=16)
+    inputs, _, _ = curvature_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = curvature("identity", variant="newton_trust_region", task_guard=-10.0, max_backtracks=8)
+    r.restore(model, inputs)
+    assert r.info["steps"][0]["eta"] == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -12,8 +12,10 @@ H_λ = H + λI, H the task loss's curvature on the first ``curvature.n_hvp`` tas
 
 - ``newton_trust_region`` (default): Δ = η·H_λ⁻¹g, η = sqrt(2δ / gᵀH_λ⁻¹g), i.e. the largest
   rise of L_h with ½ΔᵀH_λΔ ≤ δ; halve η while the validation task loss rises by more than
-  ``task_guard`` (relative) or L_h exceeds τ; K outer steps.
-- ``influence``: Δ = (|D_h|/n)·H_λ⁻¹∇L_h, removing the influence of n·p harmful points.
+  ``task_guard`` (relative) or L_h exceeds τ (each trial is θ + η·x from a copy of θ, so a
+  step with no accepted trial leaves θ bit-identical); K outer steps.
+- ``influence``: Δ = (|D_h|/n)·H_λ⁻¹∇L_h, removing the influence of the harmful points of an
+  n-row fine-tuning set; n = ``step.influence_n`` or, when that is null (default), ``attack.n``.
 - ``penalised``: L-BFGS on L_t − α·min(L_h, τ) + (μ/2)‖θ − θ_ft‖².
 
 Backends (``curvature.backend``): ``identity`` (x = g: gradient ascent, the ablation),
@@ -70,6 +72,23 @@ def target_linears(model, names) -> list[torch.nn.Linear]:
     return mods
 
 
+@torch.no_grad()
+def restore_(params, saved) -> None:
+    """Copy ``saved`` back into ``params`` (bit-exact undo of a rejected trial step)."""
+    for p, s in zip(params, saved):
+        p.copy_(s)
+
+
+def influence_n(configured: int | None, attack_n: int | None) -> int:
+    """n of the influence step (spec §1.2: the HFT set size): ``step.influence_n`` when set,
+    else the attack's ``attack.n``."""
+    n = configured if configured is not None else attack_n
+    if n is None or n < 1:
+        raise ValueError(f"restore.step.influence_n={configured!r} and attack.n={attack_n!r}: the "
+                         "influence step needs n ≥ 1, the size of the fine-tuning set; set one of them")
+    return int(n)
+
+
 class CurvatureRestore(Restorer):
     schema = CurvatureRestoreConfig
     reads = ("aligned",)  # θ_0, for the geometry diagnostic only
@@ -82,6 +101,8 @@ class CurvatureRestore(Restorer):
             p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
+        attack = getattr(getattr(inputs, "cfg", None), "attack", None)
+        self.attack_n = int(attack.n) if attack is not None and attack.get("n") is not None else None
         b = hp.batch_size
         self.task_b = inputs.batches(inputs.task(hp.n_task), b)
         self.hvp_b = inputs.batches(inputs.task(min(hp.curvature.n_hvp, hp.n_task)), b)
@@ -169,6 +190,7 @@ class CurvatureRestore(Restorer):
             g = self.direction_grad(model)
             x = self.solve(model, g)
             eta = math.sqrt(2 * st.trust_radius / max(float(g @ x), 1e-12))
+            theta = [p.detach().clone() for p in self.params]  # θ; each trial is θ + η·x
             for _ in range(st.max_backtracks + 1):
                 C.add_(self.params, x, eta)
                 now = self.losses(model)
@@ -177,7 +199,7 @@ class CurvatureRestore(Restorer):
                     ok = ok and now["harmful"] <= st.harmful_clamp
                 if ok:
                     break
-                C.add_(self.params, x, -eta)
+                restore_(self.params, theta)  # a copy, not θ + ηx − ηx (inexact in floating point)
                 eta /= 2
             else:
                 eta, now = 0.0, self.losses(model)
@@ -190,9 +212,10 @@ class CurvatureRestore(Restorer):
         g, _ = C.gradient(loss_terms(model, self.harm_b), self.params)
         self.count(self.harm_b)
         n_h = sum(int(b["input_ids"].shape[0]) for b in self.harm_b)
+        n = influence_n(self.hp.step.influence_n, self.attack_n)
         start = self.losses(model)
-        C.add_(self.params, self.solve(model, g), n_h / self.hp.step.influence_n)
-        self.info.update(start=start, steps=[self.losses(model)])
+        C.add_(self.params, self.solve(model, g), n_h / n)
+        self.info.update(start=start, steps=[self.losses(model)], influence_n=n)
 
     def penalised(self, model) -> None:
         st = self.hp.step

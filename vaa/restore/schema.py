@@ -1,6 +1,6 @@
 """Typed schemas of the ``restore`` group (post-fine-tuning repair, specs/restoration.md).
 
-Every ``conf/restore/<name>.yaml`` lists ``<name>_schema`` first in its defaults, so a
+Every ``conf/restore/<name>.yaml`` lists ``/_schema_restore_<name>@_here_`` first in its defaults, so a
 misspelled or wrongly typed key fails when the config is composed (``restore.alhpa=1`` →
 "Key 'alhpa' not in 'MergeRestoreConfig'"). Kept free of torch so composing stays fast.
 """
@@ -48,7 +48,7 @@ class StepConfig:
     harmful_clamp: float = 5.0  # τ, nats
     max_backtracks: int = 8
     n_val: int = 64  # validation task rows (the last rows of the train split)
-    influence_n: int = 1000  # n of the influence step (HFT set size)
+    influence_n: Optional[int] = None  # n of the influence step (HFT set size); null: attack.n
     alpha: float = 1.0  # penalised: weight of −min(L_h, τ)
     mu: float = 1e-2  # penalised: proximal weight (μ/2)‖θ − θ_ft‖²
     lbfgs_lr: float = 1.0
@@ -150,5 +150,5 @@ SCHEMAS = {"none": RestoreConfig, "curvature": CurvatureRestoreConfig, "panacea"
 
 def register() -> None:
     cs = ConfigStore.instance()
-    for name, node in SCHEMAS.items():
-        cs.store(group="restore", name=f"{name}_schema", node=node)
+    for name, node in SCHEMAS.items():  # no group: never listed as an option of `restore`
+        cs.store(name=f"_schema_restore_{name}", node=node)
