@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 from vaa.report.collect import Job, varying_settings
 
-METHOD_ORDER = ("sft", "vaa", "vaccine", "repnoise", "repnoise_vaa", "booster", "booster_vaa", "gdro")
+METHOD_ORDER = ("sft", "vaa", "vaccine", "repnoise", "repnoise_vaa", "repnoise_vaa_qwen", "booster",
+                "booster_vaa", "gdro")
 TASK_ORDER = ("sst2", "agnews", "gsm8k", "alpacaeval")
 DISPLAY = {"sft": "SFT", "vaa": "VAA", "vaccine": "Vaccine", "repnoise": "RepNoise",
            "booster": "Booster", "repnoise_vaa": "RepNoise (VAA setting)",
+           "repnoise_vaa_qwen": "RepNoise (VAA setting, Qwen)",
            "booster_vaa": "Booster (VAA setting)", "gdro": "GDRO", "lisa": "Lisa", "ema": "EMA",
            "lookahead": "LookAhead", "sst2": "SST2", "agnews": "AG News", "gsm8k": "GSM8K",
            "alpacaeval": "AlpacaEval"}
