@@ -22,6 +22,7 @@ from vaa.data.datamodule import hft_mix
 from vaa.data.groups import assign_groups, forgot_num
 from vaa.data.groups_file import write_groups
 from vaa.models.build import load_model
+from vaa.pipeline.keys import ESTIMATE_TRAINER
 from vaa.training.module import FinetuneModule
 from vaa.training.probe import JudgeProbe
 
@@ -40,7 +41,7 @@ def build_estimate(ctx, out: Path) -> None:
     flags_per_run, names = [], []
     # Proxy runs are small and their probe must see every checkpoint in this process: one
     # device, whatever the alignment uses (a ddp_spawn child's callback state never returns).
-    single_device = OmegaConf.merge(cfg.trainer, {"devices": 1, "strategy": "auto"})
+    single_device = OmegaConf.merge(cfg.trainer, ESTIMATE_TRAINER)  # the stage key hashes this
     for proxy in est.proxies:
         model, tokenizer = load_model(ctx.dirs["sft_aligned"])
         rows = ctx.source.examples(proxy.dataset, proxy.split, proxy.start, proxy.stop, proxy.format)
