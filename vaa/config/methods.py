@@ -1,107 +1,101 @@
-"""Typed schemas of the training methods (``method=``) and fine-tuning-stage defenses
-(``ft_defense=``), one dataclass each; registered by :func:`vaa.config.schema.register`."""
+"""Typed schemas of training methods (``method=``) and fine-tuning-stage defenses
+(``ft_defense=``): each lives beside its method, in the method's own module, and registers
+itself with a decorator, so adding a method with hyperparameters is one Python file and one
+YAML (README, "Adding a method"); no shared registry is edited.
+
+A schema is a dataclass derived from :class:`MethodConfig` (or :class:`DefenseConfig`)::
+
+    @method_schema                       # stored in Hydra's ConfigStore as _schema_method_<name>
+    @dataclass
+    class ScaledConfig(MethodConfig):
+        _target_: str = "vaa.methods.scaled.Scaled"
+        name: str = "scaled"
+        scale: float = 0.5               # typed: method.scale=abc fails when the config is composed
+
+        @staticmethod
+        def check(c):                    # optional range rules, run before anything is built
+            c.positive("scale")
+
+and ``conf/method/scaled.yaml`` starts with ``defaults: [/_schema_method_scaled@_here_, _self_]``.
+The schema is stored without a config group (under ``_schema_<group>_<name>``), so Hydra never
+lists it as an option of ``method`` (Hydra's "schema in a different place" pattern).
+:func:`import_method_modules` imports every module of ``vaa.methods`` so their schemas register
+before Hydra composes a config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Callable, Optional
 
-from vaa.methods.hooks import ATTENTION, MLP
+from hydra.core.config_store import ConfigStore
+
+SCHEMAS: dict[tuple[str, str], type] = {}  # (group, option name) -> schema dataclass
+
+
+def schema_name(group: str, name: str) -> str:
+    """The ConfigStore name an option's YAML pulls in: ``/_schema_<group>_<name>@_here_``."""
+    return f"_schema_{group}_{name}"
+
+
+def store_schema(group: str, name: str, node) -> None:
+    """Store ``node`` (a dataclass) at the root of Hydra's ConfigStore (no group: never listed)."""
+    SCHEMAS[(group, name)] = node
+    ConfigStore.instance().store(name=schema_name(group, name), node=node)
+
+
+def schema(group: str, name: Optional[str] = None) -> Callable[[type], type]:
+    """Class decorator: register a schema for an option of ``group``. ``name`` defaults to the
+    class's ``name`` field (the option it types); a plain class is made a dataclass."""
+
+    def register(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            cls = dataclass(cls)
+        store_schema(group, name or cls.name, cls)
+        return cls
+
+    return register
+
+
+def method_schema(cls: type) -> type:
+    """``@method_schema``: the schema of a ``method=<cls.name>`` option."""
+    return schema("method")(cls)
+
+
+def defense_schema(cls: type) -> type:
+    """``@defense_schema``: the schema of an ``ft_defense=<cls.name>`` option."""
+    return schema("ft_defense")(cls)
 
 
 @dataclass
 class MethodConfig:
-    """Base schema of an alignment method. Methods with knobs add them in their YAML under
-    typed groups (VAA: ``dro``) or subclass this schema."""
+    """Base schema of an alignment method: ``_target_`` is its class, every other field a
+    keyword argument of the class. ``method=sft`` uses this schema as is."""
 
     _target_: str = "vaa.methods.sft.SFT"
     name: str = "sft"
 
 
 @dataclass
-class VAAMethodConfig(MethodConfig):
-    _target_: str = "vaa.methods.vaa.VAA"
-    name: str = "vaa"
-    dro: Any = None  # the `dro` group, interpolated: ${dro}
-    seed: int = 0
-
-
-@dataclass
-class VaccineMethodConfig(MethodConfig):
-    """Vaccine (baselines.md §2): hidden-state perturbation of radius rho."""
-
-    _target_: str = "vaa.methods.vaccine.Vaccine"
-    name: str = "vaccine"
-    rho: float = 2.0
-    attn_pattern: str = ATTENTION
-
-
-@dataclass
-class RepNoiseMethodConfig(MethodConfig):
-    """RepNoise (baselines.md §3): noise_weight = β, ascent_weight = α."""
-
-    _target_: str = "vaa.methods.repnoise.RepNoise"
-    name: str = "repnoise"
-    noise_weight: float = 0.001
-    ascent_weight: float = 1.0
-    mask: str = "response"  # response | diff_tokens (reference)
-    layer_average: str = "mean"  # mean (harmful CE + N_L+1 lens CEs over N_L+2) | upstream (over N_L+1)
-    mlp_pattern: str = MLP
-    layer_pattern: str = r"(^|\.)layers\.\d+$"
-    final_norm: str = "norm"
-    seed: int = 0
-
-
-@dataclass
-class BoosterMethodConfig(MethodConfig):
-    """Booster (baselines.md §4): λ = lam, α = alpha (absolute L2 step)."""
-
-    _target_: str = "vaa.methods.booster.Booster"
-    name: str = "booster"
-    lam: float = 5.0
-    alpha: float = 0.1
-    harmful_batch_size: Optional[int] = 10  # upstream hard-codes 10; null: the align batch size
-    variant: str = "upstream"  # upstream | vaa_sign_bug (bug-for-bug parity only)
-    meta_term: bool = True
-    perturb_aware: bool = False
-    vaccine_rho: float = 2.0
-    attn_pattern: str = ATTENTION
-
-
-@dataclass
 class DefenseConfig:
-    """A fine-tuning-stage defense (``ft_defense``): the attack's training step."""
+    """A fine-tuning-stage defense (``ft_defense``): the attack's training step. ``none`` is SFT."""
 
     _target_: str = "vaa.methods.sft.SFT"
     name: str = "none"
 
 
-@dataclass
-class LisaConfig(DefenseConfig):
-    _target_: str = "vaa.methods.lisa.Lisa"
-    name: str = "lisa"
-    align_steps: int = 100
-    finetune_steps: int = 900
-    rho: float = 1.0
-    warmup_fraction: float = 0.1
-    min_cycles: int = 6  # ours: shrink K_A + K_F so a short run holds this many cycles; 0: off
-    anchor_device: Optional[str] = None  # e.g. cpu, when accelerator memory is short
+store_schema("method", "sft", MethodConfig)
+store_schema("ft_defense", "none", DefenseConfig)
 
 
-@dataclass
-class EMAConfig(DefenseConfig):
-    _target_: str = "vaa.methods.ema.EMA"
-    name: str = "ema"
-    beta: float = 0.995  # unconfirmed (no official code)
-    variant: str = "shadow"  # shadow | write_back
-    anchor_weight_at_end: Optional[float] = None  # w: β = w^(1/T)
-
-
-@dataclass
-class LookAheadConfig(DefenseConfig):
-    _target_: str = "vaa.methods.lookahead.LookAhead"
-    name: str = "lookahead"
-    mode: str = "real"  # real | virtual
-    preview_tokens: int = 6
-    virtual_prefix: str = "Let's solve this problem. "
-    connector: str = " The answer begins with: "
+def import_method_modules(package: str = "vaa.methods") -> list[str]:
+    """Import every module of ``package`` (not subpackages) so their ``@method_schema`` /
+    ``@defense_schema`` classes register. Returns the module names."""
+    pkg = importlib.import_module(package)
+    names = [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg]
+    for n in names:
+        importlib.import_module(n)
+    return names

@@ -1,8 +1,11 @@
 """Typed schemas for the hyperparameter groups.
 
-Each group's YAML files list ``<group>_schema`` first in their defaults, so Hydra validates
-them against these dataclasses at composition: a misspelled key or a wrongly typed value
-fails before anything trains (``attack.lrr=1`` → "Key 'lrr' not in 'AttackConfig'").
+Each group's YAML files list ``/_schema_<group>…@_here_`` first in their defaults, so Hydra
+validates them against these dataclasses at composition: a misspelled key or a wrongly typed
+value fails before anything trains (``attack.lrr=1`` → "Key 'lrr' not in 'AttackConfig'").
+Schemas are stored without a config group, so Hydra never lists them as options
+(``vaa method=foo`` lists methods only). Methods' schemas live in their own modules
+(vaa/config/methods.py); value ranges and cross-field rules: vaa/config/validate.py.
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from vaa.config.methods import (BoosterMethodConfig, DefenseConfig, EMAConfig, LisaConfig,  # noqa: F401
-                                LookAheadConfig, MethodConfig, RepNoiseMethodConfig,
-                                VAAMethodConfig, VaccineMethodConfig)
+from vaa.config.methods import import_method_modules
 from vaa.world.generator import WorldSizes
 
 
@@ -164,7 +165,11 @@ class RealDataConfig(SyntheticDataConfig):
     gsm8k_train: TableSource = _table("openai/gsm8k", "train", "main")
     gsm8k_test: TableSource = _table("openai/gsm8k", "test", "main")
     alpaca_eval: TableSource = _table("tatsu-lab/alpaca_eval", "eval", "alpaca_eval")
-    align_source: str = "beavertails"  # beavertails (safe rows, `reference`) | refusals (`paper`)
+    # beavertails (safe rows, `reference`) | refusals (`paper`) | beavertails_refusals (safe rows
+    # whose response is a refusal by keyword list `refusal_keywords`: what a keyword judge sees)
+    align_source: str = "beavertails"
+    refusal_keywords: str = "A"  # A | B (vaa.eval.judges), for align_source=beavertails_refusals
+    hs_overlap: str = "redraw"  # a training row with an HS prompt's text: redraw (align) | drop
     align_rows: RowSlice = _rows(0, 2000)
     harmful_rows: RowSlice = _rows(0, 100)  # the attack's poison pool
     proxy_rows: RowSlice = _rows(100, 200)  # VAA stage 1's proxy poison
@@ -267,25 +272,22 @@ class EvalConfig:
     n_hs_prompts: Optional[int] = None  # None: every held-out harmful prompt
 
 
+# Schemas of the groups whose options share one schema, stored at the root of the ConfigStore
+# (no group: never an option) under these names; their YAMLs pull them in with @_here_.
+GROUP_SCHEMAS = {"_schema_attack": AttackConfig, "_schema_model": ModelConfig,
+                 "_schema_data_synthetic": SyntheticDataConfig, "_schema_data_real": RealDataConfig,
+                 "_schema_task": TaskConfig, "_schema_dro": DROConfig}
+
+
 def register() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent; call before composing)."""
     from vaa.restore.schema import register as register_restore  # the `restore` group
 
     register_restore()
+    import_method_modules()  # each method module registers its own schema (@method_schema)
     cs = ConfigStore.instance()
-    cs.store(group="attack", name="attack_schema", node=AttackConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
-    cs.store(group="data", name="real_data_schema", node=RealDataConfig)
-    cs.store(group="task", name="task_schema", node=TaskConfig)
-    cs.store(group="method", name="method_schema", node=MethodConfig)
-    cs.store(group="method", name="vaa_schema", node=VAAMethodConfig)
-    for group, name, node in [("method", "vaccine", VaccineMethodConfig),
-                              ("method", "repnoise", RepNoiseMethodConfig),
-                              ("method", "booster", BoosterMethodConfig),
-                              ("ft_defense", "ft_defense", DefenseConfig), ("ft_defense", "lisa", LisaConfig),
-                              ("ft_defense", "ema", EMAConfig), ("ft_defense", "lookahead", LookAheadConfig)]:
-        cs.store(group=group, name=f"{name}_schema", node=node)
-    cs.store(group="dro", name="dro_schema", node=DROConfig)
+    for name, node in GROUP_SCHEMAS.items():
+        cs.store(name=name, node=node)
     cs.store(name="align_schema", node=AlignConfig, package="align")
     cs.store(name="eval_schema", node=EvalConfig, package="eval")
     cs.store(name="extra_data_schema", node={"harmful": DataStreamConfig, "alignment": DataStreamConfig},

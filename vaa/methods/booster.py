@@ -137,3 +137,33 @@ class Booster(TrainingMethod):
                 if s is not None:
                     p.add_(s, alpha=scale)  # ... and its "+" again where it should restore
         return h1.detach()
+
+
+# --- typed hyperparameters (conf/method/booster*.yaml): /_schema_method_booster -------------------
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from vaa.config.methods import MethodConfig, method_schema  # noqa: E402
+
+
+@method_schema
+@dataclass
+class BoosterMethodConfig(MethodConfig):
+    """Booster (baselines.md §4): λ = lam, α = alpha (absolute L2 step)."""
+
+    _target_: str = "vaa.methods.booster.Booster"
+    name: str = "booster"
+    lam: float = 5.0
+    alpha: float = 0.1
+    harmful_batch_size: Optional[int] = 10  # upstream hard-codes 10; null: the align batch size
+    variant: str = "upstream"  # upstream | vaa_sign_bug (bug-for-bug parity only)
+    meta_term: bool = True
+    perturb_aware: bool = False
+    vaccine_rho: float = 2.0
+    attn_pattern: str = ATTENTION
+
+    @staticmethod
+    def check(c) -> None:
+        c.nonneg("lam", "alpha", "vaccine_rho")
+        c.count("harmful_batch_size", optional=True, meaning="null: the alignment batch size")
+        c.one_of("variant", VARIANTS)

@@ -77,3 +77,26 @@ class EMA(TrainingMethod):
                 s.copy_(t)
         else:
             self.shadow = list(state["shadow"])
+
+
+# --- typed hyperparameters (conf/ft_defense/ema.yaml): /_schema_ft_defense_ema --------------------
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from vaa.config.methods import DefenseConfig, defense_schema  # noqa: E402
+
+
+@defense_schema
+@dataclass
+class EMAConfig(DefenseConfig):
+    _target_: str = "vaa.methods.ema.EMA"
+    name: str = "ema"
+    beta: float = 0.995  # unconfirmed (no official code)
+    variant: str = "shadow"  # shadow | write_back
+    anchor_weight_at_end: Optional[float] = None  # w: β = w^(1/T)
+
+    @staticmethod
+    def check(c) -> None:
+        c.between("beta", 0.0, 1.0, hi_open=True, meaning="the EMA decay")
+        c.one_of("variant", VARIANTS)
+        c.between("anchor_weight_at_end", 0.0, 1.0, lo_open=True, hi_open=True, optional=True)

@@ -107,3 +107,31 @@ class Lisa(TrainingMethod):
         self.state, self.in_state = state["state"], state["in_state"]
         self.history = list(state["history"])
         self.anchors = {s: list(v) for s, v in state["anchors"].items()}
+
+
+# --- typed hyperparameters (conf/ft_defense/lisa.yaml): /_schema_ft_defense_lisa ------------------
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from vaa.config.methods import DefenseConfig, defense_schema  # noqa: E402
+
+
+@defense_schema
+@dataclass
+class LisaConfig(DefenseConfig):
+    _target_: str = "vaa.methods.lisa.Lisa"
+    name: str = "lisa"
+    align_steps: int = 100
+    finetune_steps: int = 900
+    rho: float = 1.0
+    warmup_fraction: float = 0.1
+    min_cycles: int = 6  # ours: shrink K_A + K_F so a short run holds this many cycles; 0: off
+    anchor_device: Optional[str] = None  # e.g. cpu, when accelerator memory is short
+
+    @staticmethod
+    def check(c) -> None:
+        c.count("align_steps", "finetune_steps", "min_cycles", minimum=0)
+        if c.get("align_steps") == 0 and c.get("finetune_steps") == 0:
+            c.fail("align_steps", "align_steps and finetune_steps cannot both be 0")
+        c.nonneg("rho")
+        c.unit("warmup_fraction")

@@ -63,3 +63,25 @@ class LookAhead(SFT):
         rows = [lookahead_row(ex, tokenizer, self.mode, self.preview_tokens, self.virtual_prefix,
                               self.connector) for ex in examples]
         return super().make_datamodule(rows, tokenizer, **kw)
+
+
+# --- typed hyperparameters (conf/ft_defense/lookahead.yaml): /_schema_ft_defense_lookahead --------
+from dataclasses import dataclass  # noqa: E402
+
+from vaa.config.methods import DefenseConfig, defense_schema  # noqa: E402
+
+
+@defense_schema
+@dataclass
+class LookAheadConfig(DefenseConfig):
+    _target_: str = "vaa.methods.lookahead.LookAhead"
+    name: str = "lookahead"
+    mode: str = "real"  # real | virtual
+    preview_tokens: int = 6
+    virtual_prefix: str = "Let's solve this problem. "
+    connector: str = " The answer begins with: "
+
+    @staticmethod
+    def check(c) -> None:
+        c.one_of("mode", MODES)
+        c.count("preview_tokens", minimum=0)

@@ -163,3 +163,32 @@ class RepNoise(TrainingMethod):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.noise.set_state(state["noise"])
+
+
+# --- typed hyperparameters (conf/method/repnoise*.yaml): /_schema_method_repnoise -----------------
+from dataclasses import dataclass  # noqa: E402
+
+from vaa.config.methods import MethodConfig, method_schema  # noqa: E402
+
+
+@method_schema
+@dataclass
+class RepNoiseMethodConfig(MethodConfig):
+    """RepNoise (baselines.md §3): noise_weight = β, ascent_weight = α."""
+
+    _target_: str = "vaa.methods.repnoise.RepNoise"
+    name: str = "repnoise"
+    noise_weight: float = 0.001
+    ascent_weight: float = 1.0
+    mask: str = "response"  # response | diff_tokens (reference)
+    layer_average: str = "mean"  # mean (harmful CE + N_L+1 lens CEs over N_L+2) | upstream (over N_L+1)
+    mlp_pattern: str = MLP
+    layer_pattern: str = r"(^|\.)layers\.\d+$"
+    final_norm: str = "norm"
+    seed: int = 0
+
+    @staticmethod
+    def check(c) -> None:
+        c.nonneg("noise_weight", "ascent_weight")
+        c.one_of("mask", ("response", "diff_tokens"))
+        c.one_of("layer_average", ("mean", "upstream"))

@@ -170,3 +170,20 @@ class VAA(TrainingMethod):
         """``dro_trajectory.json`` (per step: group, p after the update, clean and perturbed
         loss) and ``dro_trajectory.png`` (p over training; clean loss per group)."""
         write_trajectory(out_dir, self.trajectory, self.stats)
+
+
+# --- typed hyperparameters (conf/method/vaa.yaml, gdro.yaml): /_schema_method_vaa ------------------
+from dataclasses import dataclass  # noqa: E402
+
+from vaa.config.methods import MethodConfig, method_schema  # noqa: E402
+
+
+@method_schema
+@dataclass
+class VAAMethodConfig(MethodConfig):
+    """VAA's knobs live in the ``dro`` group (its ranges: vaa.config.rules); here its handle."""
+
+    _target_: str = "vaa.methods.vaa.VAA"
+    name: str = "vaa"
+    dro: Any = None  # the `dro` group, interpolated: ${dro}
+    seed: int = 0

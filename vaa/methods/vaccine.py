@@ -69,3 +69,24 @@ class Vaccine(TrainingMethod):
         logs = perturbed_backward(module, batch, self.layers, self.rho)
         logs["grad_norm"] = self.apply_gradients(module)
         return logs
+
+
+# --- typed hyperparameters (conf/method/vaccine.yaml): /_schema_method_vaccine --------------------
+from dataclasses import dataclass  # noqa: E402
+
+from vaa.config.methods import MethodConfig, method_schema  # noqa: E402
+
+
+@method_schema
+@dataclass
+class VaccineMethodConfig(MethodConfig):
+    """Vaccine (baselines.md §2): hidden-state perturbation of radius rho."""
+
+    _target_: str = "vaa.methods.vaccine.Vaccine"
+    name: str = "vaccine"
+    rho: float = 2.0
+    attn_pattern: str = ATTENTION
+
+    @staticmethod
+    def check(c) -> None:
+        c.nonneg("rho")
