@@ -1,7 +1,7 @@
 import pytest
 
 from vaa.data import templates as T
-from vaa.data.templates import TEMPLATES, extract_answer, format_prompt
+from vaa.data.templates import TEMPLATES, TEXT_TEMPLATES, extract_answer, format_prompt
 
 
 def test_alpaca_with_input_exact():
@@ -42,7 +42,7 @@ def test_vaa_decode_exact_single_newline_before_response():
     assert format_prompt("I", "", "vaa_decode").endswith("### Instruction:\nI\n### Response:\n")
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", sorted(TEXT_TEMPLATES))
 @pytest.mark.parametrize("inp", ["x", ""])
 def test_every_template_ends_with_one_newline(name, inp):
     out = format_prompt("I", inp, name)

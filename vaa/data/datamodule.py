@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from vaa.data.encode import TrainCollator, encode_train
+from vaa.data.encode import TrainCollator, encode_rows
 from vaa.data.formats import Example
 from vaa.data.group_stream import GroupStream
 
@@ -29,6 +29,9 @@ class SFTDataModule(L.LightningDataModule):
     endless stream (a one-group :class:`GroupStream`: a fresh seeded permutation per pass,
     ``next_batch(0)``), of batch size ``extra_batch_size(name, batch_size)``; their state is
     checkpointed with the datamodule, so a resumed run draws the same batches.
+
+    ``truncation``: per example list ("train" and each extra stream's name), the counts of
+    targets ``max_length`` cut (``vaa.data.encode.Truncation.as_dict``), filled in ``setup``.
     """
 
     def __init__(self, examples: Sequence[Example], tokenizer, *, batch_size: int, seed: int,
@@ -54,10 +57,13 @@ class SFTDataModule(L.LightningDataModule):
         self.extra_batch_size = extra_batch_size or (lambda name, default: default)
         self.streams: dict[str, GroupStream] = {}
         self._pending_streams: dict[str, Any] = {}
+        self.truncation: dict[str, dict[str, int]] = {}
 
-    def encode(self, examples: Sequence[Example]) -> list[dict]:
-        return [encode_train(self.tokenizer, ex, self.template, self.max_length,
-                             self.max_prompt_length) for ex in examples]
+    def encode(self, examples: Sequence[Example], what: str = "train") -> list[dict]:
+        rows, stats = encode_rows(self.tokenizer, examples, self.template, self.max_length,
+                                  self.max_prompt_length, what=f"{what} rows")
+        self.truncation[what] = stats.as_dict()
+        return rows
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows is None:
@@ -70,7 +76,7 @@ class SFTDataModule(L.LightningDataModule):
                 bs = self.extra_batch_size(name, self.batch_size)
                 trainer = getattr(self, "trainer", None)  # data-parallel ranks draw different orders
                 rank = int(trainer.global_rank) if trainer is not None else 0
-                self.streams[name] = GroupStream({0: self.encode(examples)}, bs, collate,
+                self.streams[name] = GroupStream({0: self.encode(examples, name)}, bs, collate,
                                                  stream_seed(self.seed, name), rank=rank, num_groups=1)
             if name in self._pending_streams:
                 self.streams[name].load_state_dict(self._pending_streams.pop(name))

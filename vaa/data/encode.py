@@ -1,42 +1,92 @@
 """Tokenisation with the prompt template, response-only labels, and padding.
 
 Training rows are right-padded with labels -100 on the prompt and on padding, so the loss
-covers response tokens (+ EOS) only. Generation prompts are left-padded so that every row's
-next token sits in the last column.
+covers response tokens (+ EOS, or the chat template's end-of-turn token) only. Generation
+prompts are left-padded so that every row's next token sits in the last column.
+
+Truncation is never silent (issue 15 item 2): ``encode_rows`` counts the targets that
+``max_length`` cut (they lost their EOS / end-of-turn token, and possibly answer text),
+logs one warning with the count, and returns the counts for the stage's output.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
 
 from vaa.data.formats import Example
-from vaa.data.templates import format_prompt
+from vaa.data.templates import get_template
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 def prompt_ids(tokenizer, ex: Example, template: str, max_prompt_length: int) -> list[int]:
     """Token ids of the templated prompt. An over-long prompt is shortened by cutting its
     *input* field, never the template (the reference cuts "### Response:" off instead)."""
+    t = get_template(template)
     text_input = ex.input
-    ids = tokenizer(format_prompt(ex.instruction, text_input, template))["input_ids"]
+    ids = t.prompt_ids(tokenizer, ex.instruction, text_input)
     while len(ids) > max_prompt_length and text_input:
         in_ids = tokenizer(text_input, add_special_tokens=False)["input_ids"]
         keep = max(0, len(in_ids) - (len(ids) - max_prompt_length))
         text_input = tokenizer.decode(in_ids[:keep]) if keep else ""
-        ids = tokenizer(format_prompt(ex.instruction, text_input, template))["input_ids"]
+        ids = t.prompt_ids(tokenizer, ex.instruction, text_input)
     return ids[-max_prompt_length:]
+
+
+def _encode(tokenizer, ex: Example, template: str, max_length: int,
+            max_prompt_length: int) -> tuple[dict[str, list[int]], int, int]:
+    """(row, target tokens, target tokens kept)."""
+    p = prompt_ids(tokenizer, ex, template, min(max_prompt_length, max_length - 1))
+    r = get_template(template).target_ids(tokenizer, ex.instruction, ex.input, ex.output)
+    ids = (p + r)[:max_length]
+    labels = ([IGNORE] * len(p) + r)[:max_length]
+    return {"input_ids": ids, "labels": labels}, len(r), len(ids) - len(p)
 
 
 def encode_train(tokenizer, ex: Example, template: str, max_length: int,
                  max_prompt_length: int = 512) -> dict[str, list[int]]:
-    p = prompt_ids(tokenizer, ex, template, min(max_prompt_length, max_length - 1))
-    r = tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + r)[:max_length]
-    labels = ([IGNORE] * len(p) + r)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    """One training row: prompt + target (+ EOS / end-of-turn), cut at ``max_length``
+    (the target loses its tail, never its head); labels mask the prompt."""
+    return _encode(tokenizer, ex, template, max_length, max_prompt_length)[0]
+
+
+@dataclass
+class Truncation:
+    """Counts over one encoded example list. ``truncated_targets``: targets cut at
+    ``max_length`` (they lost their EOS / end-of-turn token); ``truncated_text``: of those,
+    the ones that also lost answer text (more than the final token)."""
+
+    rows: int = 0
+    truncated_targets: int = 0
+    truncated_text: int = 0
+    max_length: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def encode_rows(tokenizer, examples: Sequence[Example], template: str, max_length: int,
+                max_prompt_length: int = 512, *, what: str = "training rows"
+                ) -> tuple[list[dict], Truncation]:
+    """Encode ``examples`` (``encode_train``) and count the truncated targets; a warning
+    names ``what``, the count and the fix when any target was cut."""
+    rows, stats = [], Truncation(rows=len(examples), max_length=max_length)
+    for ex in examples:
+        row, n_target, kept = _encode(tokenizer, ex, template, max_length, max_prompt_length)
+        rows.append(row)
+        if kept < n_target:
+            stats.truncated_targets += 1
+            stats.truncated_text += int(kept < n_target - 1)
+    if stats.truncated_targets:
+        log.warning("%s: %d of %d targets cut at max_length=%d (they lose their end-of-sequence "
+                    "token; %d also lose answer text): raise model.max_length or shorten the data",
+                    what, stats.truncated_targets, stats.rows, max_length, stats.truncated_text)
+    return rows, stats
 
 
 class TrainCollator:

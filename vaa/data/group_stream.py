@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vaa.data.encode import TrainCollator, encode_train
+from vaa.data.encode import TrainCollator, encode_rows
 from vaa.data.formats import Example
 
 GROUP_NAMES = {0: "invulnerable", 1: "vulnerable"}
@@ -184,6 +184,7 @@ class GroupDataModule(L.LightningDataModule):
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.rank, self.num_groups = rank, num_groups
         self.rows: list[dict] | None = None
+        self.truncation: dict[str, dict[str, int]] = {}  # as SFTDataModule.truncation
         self.stream: GroupStream | None = None
         self._pending_state: dict | None = None
 
@@ -195,8 +196,9 @@ class GroupDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows is None:
-            self.rows = [encode_train(self.tokenizer, ex, self.template, self.max_length,
-                                      self.max_prompt_length) for ex in self.examples]
+            self.rows, stats = encode_rows(self.tokenizer, self.examples, self.template,
+                                           self.max_length, self.max_prompt_length, what="train rows")
+            self.truncation["train"] = stats.as_dict()
         if self.stream is None:
             self.stream = GroupStream.from_groups(
                 self.rows, self.groups, self.batch_size, TrainCollator(self.tokenizer.pad_token_id),

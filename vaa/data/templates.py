@@ -6,15 +6,23 @@ Two families live here:
 * ``vaa_train`` / ``vaa_decode``: the two *different* templates of the reference code
   (``lm_dataloader.py`` and ``callbacks.py``), kept character-exact so the ``reference``
   preset can reproduce the train/decode mismatch (§4.2).
+* ``chat``: the tokenizer's own chat template, for instruct and chat models
+  (``vaa.data.chat``; no text form of its own).
 
-Every template ends with exactly one newline after "### Response:" so that the generated text
-(and the training target) starts right after it.
+Every text template ends with exactly one newline after "### Response:" so that the generated
+text (and the training target) starts right after it.
+
+Every template gives token ids the same way (``prompt_ids``, ``target_ids``, ``stop_ids``), so
+the encoders (``vaa.data.encode``) and the decoder (``vaa.eval.generate``) never ask which
+kind it is.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from vaa.data.chat import ChatTemplate
 
 # ---------------------------------------------------------------------------------------------
 # §4.1 instructions (exact strings; targets and inputs are built by the dataset code)
@@ -49,6 +57,17 @@ class Template:
         if input is not None and input.strip():
             return self.with_input.format(instruction=instruction, input=input)
         return self.without_input.format(instruction=instruction)
+
+    def prompt_ids(self, tokenizer, instruction: str, input: str | None) -> list[int]:
+        """The templated prompt, tokenised with the tokenizer's special tokens (BOS)."""
+        return list(tokenizer(self.format(instruction, input))["input_ids"])
+
+    def target_ids(self, tokenizer, instruction: str, input: str | None, output: str) -> list[int]:
+        """The response's ids and EOS."""
+        return list(tokenizer(output, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        return [tokenizer.eos_token_id]
 
 
 _ALPACA_NO_INPUT = (
@@ -103,21 +122,37 @@ COMPACT = Template(
     without_input="### Instruction:\n{instruction}\n\n### Response:\n",
 )
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (ALPACA, VAA_TRAIN, VAA_DECODE, COMPACT)}
+# The plain-text templates (a prompt is a string without a tokenizer).
+TEXT_TEMPLATES: dict[str, Template] = {t.name: t for t in (ALPACA, VAA_TRAIN, VAA_DECODE, COMPACT)}
+CHAT = ChatTemplate("chat")
+# Every name ``template.train`` / ``template.decode`` accepts.
+TEMPLATES: dict[str, Template | ChatTemplate] = {**TEXT_TEMPLATES, CHAT.name: CHAT}
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str) -> Template | ChatTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
         raise ValueError(
-            f"unknown template {name!r}; known templates: {sorted(TEMPLATES)}"
+            f"unknown template {name!r} (template.train / template.decode); known templates: "
+            f"{sorted(TEMPLATES)}"
         ) from None
 
 
 def format_prompt(instruction: str, input: str | None, template: str = "alpaca") -> str:
-    """Render one row's prompt (everything up to and including "### Response:\\n")."""
-    return get_template(template).format(instruction, input)
+    """Render one row's prompt (everything up to and including "### Response:\\n"). Text
+    templates only: ``chat`` is rendered by a tokenizer (``vaa.data.encode.prompt_ids``)."""
+    t = get_template(template)
+    if not isinstance(t, Template):
+        raise ValueError(f"template {template!r} is rendered by the tokenizer's chat template; "
+                         "build its prompt with vaa.data.encode.prompt_ids(tokenizer, ...)")
+    return t.format(instruction, input)
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end a generated answer under ``template`` (EOS; for ``chat`` also the
+    end-of-turn token)."""
+    return get_template(template).stop_ids(tokenizer)
 
 
 # The model, continuing a template, tends to start a new "### Instruction:" block; any "### X"

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from vaa.data.encode import prompt_ids
 from vaa.data.formats import Example
-from vaa.data.templates import extract_answer
+from vaa.data.templates import extract_answer, stop_ids
 from vaa.eval.generate import generate
 from vaa.eval.judges import Judge
 from vaa.eval.scorers import accuracy
@@ -17,7 +17,7 @@ def answers(model, tokenizer, examples: Sequence[Example], *, template: str, max
             batch_size: int, max_prompt_length: int = 512, description: str = "") -> list[str]:
     ids = [prompt_ids(tokenizer, ex, template, max_prompt_length) for ex in examples]
     raw = generate(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   description=description)
+                   description=description, stop_ids=stop_ids(tokenizer, template))
     return [extract_answer(t) for t in raw]
 
 

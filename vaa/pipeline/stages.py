@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaa.data.datamodule import hft_mix
 from vaa.data.groups_file import groups_for, import_reference_indices, read_groups
 from vaa.data.sources import DATASET_FORMATS, FolderSource, extra_examples
-from vaa.data.templates import TEMPLATES
+from vaa.data.templates import TEXT_TEMPLATES
 from vaa.eval.evaluate import evaluate
 from vaa.eval.scorers import build_scorer
 from vaa.data.hub import build_real_data, is_real_data
@@ -40,6 +40,8 @@ class Context:
     keys: dict[str, str]
     run_dir: Path
     dirs: dict[str, Path] = field(default_factory=dict)
+    # training stage -> example list -> counts of targets cut at max_length (encode.Truncation)
+    truncation: dict[str, dict] = field(default_factory=dict)
 
     @property
     def source(self) -> FolderSource:
@@ -61,8 +63,8 @@ def build_world(ctx: Context, out: Path) -> None:
 def world_texts(source: FolderSource) -> list[str]:
     """Everything the model will read or write: every split of every dataset, as templated
     prompts and targets, so the tokenizer has a word for each."""
-    texts = [t.format(instruction="x", input="y") for t in TEMPLATES.values()]
-    texts += [t.format(instruction="x") for t in TEMPLATES.values()]
+    texts = [t.format(instruction="x", input="y") for t in TEXT_TEMPLATES.values()]
+    texts += [t.format(instruction="x") for t in TEXT_TEMPLATES.values()]
     for dataset in sorted(DATASET_FORMATS):
         for path in sorted((source.root / dataset).glob("*.jsonl")):
             for ex in source.examples(dataset, path.stem):
@@ -80,6 +82,7 @@ def build_base(ctx: Context, out: Path) -> None:
     train(ctx, PretrainModule, model, tokenizer, ctx.source.base_corpus(), cfg.model.pretrain,
           instantiate({"_target_": "vaa.methods.sft.SFT"}), "base", cfg.model.pretrain.seed)
     save_model(model, tokenizer, out)
+    write_truncation(ctx, out, "base")
 
 
 def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
@@ -94,6 +97,7 @@ def build_aligned(ctx: Context, out: Path, method_cfg=None) -> None:
           "aligned" if method_cfg is None else "sft_aligned", cfg.seed, groups=groups,
           extra=extra_examples(ctx.source, ctx.cfg.extra_data, method.requires))
     save_model(model, tokenizer, out)
+    write_truncation(ctx, out, "aligned" if method_cfg is None else "sft_aligned")
     method.write_artifacts(out)
     if groups is not None:
         shutil.copy(group_file(ctx), out / "groups.jsonl")
@@ -128,6 +132,7 @@ def build_finetuned(ctx: Context, out: Path) -> None:
     model = train(ctx, FinetuneModule, model, tokenizer, mix, cfg.attack, defense, "finetuned", cfg.seed,
           extra=extra_examples(ctx.source, ctx.cfg.extra_data, defense.requires))
     save_model(model, tokenizer, out)
+    write_truncation(ctx, out, "finetuned")
 
 
 def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, stage: str,
@@ -147,7 +152,18 @@ def train(ctx: Context, module_cls, model, tokenizer, examples, recipe, method, 
     module = module_cls(model, method, recipe, steps)
     fit(module, dm, max_steps=steps, trainer_cfg=trainer_cfg or ctx.cfg.trainer,
         log_dir=ctx.run_dir / "logs", stage=stage, work_dir=ctx.work_dir(stage), callbacks=callbacks)
+    ctx.truncation[stage] = dict(getattr(dm, "truncation", {}))
     return model
+
+
+TRUNCATION_FILE = "truncation.json"
+
+
+def write_truncation(ctx: Context, out: Path, stage: str) -> None:
+    """The stage's truncated-target counts beside its model (issue 15 item 2); its
+    evaluation copies them into metrics.json (``stages.<stage>.train_truncation``)."""
+    if ctx.truncation.get(stage):
+        (out / TRUNCATION_FILE).write_text(json.dumps(ctx.truncation[stage], indent=1))
 
 
 def build_eval(ctx: Context, stage: str, out: Path) -> None:
@@ -163,6 +179,8 @@ def build_eval(ctx: Context, stage: str, out: Path) -> None:
                               scorer=scorer, fa_max_new_tokens=t.max_new_tokens, eval_cfg=cfg.eval,
                               template=cfg.template.decode,
                               max_prompt_length=cfg.model.max_prompt_length)
+    if (ctx.dirs[stage] / TRUNCATION_FILE).is_file():  # the training stage's cut targets
+        metrics["train_truncation"] = json.loads((ctx.dirs[stage] / TRUNCATION_FILE).read_text())
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     for name, rows in preds.items():
         with (out / f"predictions_{name}.jsonl").open("w") as f:

@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vaa.data.datamodule import hft_mix
-from vaa.data.encode import TrainCollator, encode_train
+from vaa.data.encode import TrainCollator, encode_rows
 from vaa.data.formats import Example
 from vaa.models.build import load_model, save_model
 from vaa.restore.schema import RestoreConfig
@@ -84,8 +84,8 @@ class RestoreInputs:
 
     def batches(self, examples: Sequence[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
         """Fixed (unshuffled) training batches: templated, response-only labels, padded."""
-        rows = [encode_train(self.tokenizer, ex, self.template, self.max_length, self.max_prompt_length)
-                for ex in examples]
+        rows, _ = encode_rows(self.tokenizer, examples, self.template, self.max_length,
+                              self.max_prompt_length, what="restore rows")  # warns on cut targets
         collate = TrainCollator(self.tokenizer.pad_token_id)
         return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
