@@ -383,3 +383,116 @@ def test_rejected_trust_region_steps_leave_theta_bit_identical():
     r.restore(model, inputs)
     assert r.info["steps"][0]["eta"] == 0.0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- which entries, which sign, which scale
+def test_dare_keeps_each_entry_or_rescales_it_by_one_over_one_minus_drop():
+    """DARE: every entry is either the aligned value (dropped) or pre + α·τ/(1 − d) (kept),
+    and about (1 − d) of them are kept."""
+    aligned, ft = tiny_llama(0), tiny_llama(1)
+    a = aligned.model.layers[0].mlp.up_proj.weight.clone()
+    f = ft.model.layers[0].mlp.up_proj.weight.clone()
+    out = Merge(method="dare", alpha=0.5, drop=0.75, seed=3).restore(ft, stub_inputs(aligned=aligned))
+    m = out.model.layers[0].mlp.up_proj.weight
+    kept_value = a + 0.5 * (f - a) / (1 - 0.75)
+    dropped, kept = torch.isclose(m, a, atol=1e-7), torch.isclose(m, kept_value, atol=1e-6)
+    assert bool((dropped | kept).all())
+    assert 0.15 < float(kept.float().mean()) < 0.35
+
+
+def test_antidote_zeroes_the_highest_wanda_scores_of_each_row():
+    """The pruned entries of each row are its largest |W_ij|·‖X_j‖ (norms of the module's inputs
+    over the calibration tokens, measured here with hooks on an unpruned copy)."""
+    import copy
+    model = tiny_llama(0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 30, (4, 7), generator=g),
+             "attention_mask": torch.ones(4, 7, dtype=torch.long)}
+    ref = copy.deepcopy(model)
+    sq = {}
+    hooks = [layer.self_attn.q_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: sq.__setitem__(i, (args[0].detach() ** 2).sum((0, 1))))
+        for i, layer in enumerate(ref.model.layers)]
+    with torch.no_grad():
+        ref(**batch)
+    for h in hooks:
+        h.remove()
+    inputs = SimpleNamespace(harmful=lambda hp: [None] * 4, batches=lambda ex, bs: [batch])
+    out = Antidote(dense_ratio=0.25, targets=["q_proj"], sequential=False).restore(model, inputs)
+    for i, layer in enumerate(out.model.layers):
+        w0 = ref.model.layers[i].self_attn.q_proj.weight.detach()
+        score = w0.abs() * sq[i].sqrt()
+        zeroed = (layer.self_attn.q_proj.weight == 0) & (w0 != 0)
+        for row in range(score.shape[0]):
+            z, k = score[row][zeroed[row]], score[row][~zeroed[row]]
+            assert len(z) == 4 and float(z.min()) > float(k.max())
+
+
+def test_panacea_step_is_g_f_minus_lambda_times_the_harmful_gradient_change():
+    """One PanaceaStep with SGD(lr=1), no clipping: θ_before − θ_after = g_f − λ(g_h' − g_h),
+    g_h' = ∇min(h(w + ε), clamp) at ε = ρ·g_h/(‖g_h‖ + 1e-7), each computed here on copies;
+    the released ε is that ε."""
+    import copy
+    from vaa.restore.panacea import PanaceaStep
+    from vaa.training.module import response_loss
+    model = tiny_llama(0)
+    user, guide = lm_batch(5), lm_batch(6)
+    lam, rho = 2.0, 0.5
+
+    def grads(m, batch):
+        ps = list(m.parameters())
+        return [torch.zeros_like(p) if q is None else q
+                for p, q in zip(ps, torch.autograd.grad(response_loss(m, batch), ps, allow_unused=True))]
+    w = copy.deepcopy(model)
+    g_f, g_h = grads(w, user), grads(w, guide)
+    norm = torch.sqrt(sum((x ** 2).sum() for x in g_h))
+    eps = [rho * x / (norm + 1e-7) for x in g_h]
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(shifted.parameters(), eps):
+            p.add_(e)
+    g_h2 = grads(shifted, guide)
+    want = [a - lam * (c - b) for a, b, c in zip(g_f, g_h, g_h2)]
+
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    module = SimpleNamespace(model=model, lm_loss=lambda b, model=None: response_loss(model or module.model, b),
+                             optimizers=lambda: opt, lr_schedulers=lambda: None,
+                             recipe=SimpleNamespace(grad_clip=0.0), global_step=0,
+                             device=torch.device("cpu"), manual_backward=lambda loss: loss.backward())
+    step = PanaceaStep([guide], lam=lam, rho=rho, clamp=100.0)
+    step.setup(module, None)
+    before = [p.detach().clone() for p in model.parameters()]
+    step.training_step(module, user)
+    for b, p, g in zip(before, model.parameters(), want):
+        torch.testing.assert_close(b - p.detach(), g, rtol=1e-4, atol=1e-6)
+    for e, r in zip(step.eps, eps):
+        torch.testing.assert_close(e, r, rtol=1e-4, atol=1e-7)
+
+
+def test_panacea_releases_the_model_training_returned_plus_eps_on_its_device():
+    """With LoRA, ``train`` returns a PeftModel (the adapters are what trained and what ε
+    lives on): Panacea must release that object + ε, not the model it passed in; ε is moved
+    to the released parameters' device and dtype (Lightning moves the model back to the CPU
+    at teardown while ε was computed on the GPU)."""
+    import copy
+    from vaa.methods.grads import trainable_params
+    from vaa.restore.panacea import Panacea
+    base = tiny_llama(0)
+    trained = {}
+
+    def train(module_cls, model, tok, rows, recipe, step, stage, seed):
+        other = copy.deepcopy(model).double()  # another object, another dtype
+        step.eps = [torch.full_like(p, 0.5, dtype=torch.float32) for p in trainable_params(other)]
+        trained["before"] = [p.detach().clone() for p in other.parameters()]
+        trained["model"] = other
+        return other
+
+    attack = SimpleNamespace(batch_size=2, max_steps=1, epochs=1)
+    inputs = SimpleNamespace(train=train, load=lambda which: copy.deepcopy(base), tokenizer=None,
+                             batches=lambda rows, bs: [lm_batch(1)], harmful=lambda hp: [1],
+                             hft=lambda: [1, 2], cfg=SimpleNamespace(attack=attack), seed=0)
+    out = Panacea(lam=1.0, rho=0.1, clamp=20.0).restore(base, inputs)
+    assert out is trained["model"]
+    for b, p in zip(trained["before"], out.parameters()):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p.detach(), b + 0.5)

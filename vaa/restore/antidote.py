@@ -22,7 +22,7 @@ from vaa.restore.schema import AntidoteRestoreConfig
 
 def input_sq_norms(model, modules: dict[str, torch.nn.Linear], batches) -> dict[str, torch.Tensor]:
     """Σ over calibration tokens (padding excluded) of x_j² at the input of each module."""
-    acc = {n: torch.zeros(m.in_features) for n, m in modules.items()}
+    acc = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in modules.items()}
     mask_now = {}
 
     def hook(name):

@@ -60,7 +60,7 @@ def add_(params: Sequence[Tensor], vec: Tensor, alpha: float = 1.0) -> None:
 
 def gradient(terms: LossTerms, params: Sequence[Tensor]) -> tuple[Tensor, float]:
     """(∇L flat, L) of the weighted loss."""
-    g = torch.zeros(sum(p.numel() for p in params))
+    g = torch.zeros(sum(p.numel() for p in params), device=params[0].device)  # fp32, on the model
     total = 0.0
     for fn, w in terms:
         loss = fn() * w
@@ -153,7 +153,7 @@ def lbfgs_solve(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int, histo
 
 def diag_fisher(per_example: Sequence[Callable[[], Tensor]], params: Sequence[Tensor]) -> Tensor:
     """Empirical diagonal Fisher: mean over examples of the squared per-example gradient."""
-    f = torch.zeros(sum(p.numel() for p in params))
+    f = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
     for fn in per_example:
         f += flat(torch.autograd.grad(fn(), params, allow_unused=True), params) ** 2
     return f / max(1, len(per_example))
@@ -166,8 +166,10 @@ class KFAC:
 
     def __init__(self, modules: Sequence[torch.nn.Linear]):
         self.modules = list(modules)
-        self.A = [torch.zeros(m.in_features, m.in_features) for m in self.modules]
-        self.S = [torch.zeros(m.out_features, m.out_features) for m in self.modules]
+        self.A = [torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+                  for m in self.modules]
+        self.S = [torch.zeros(m.out_features, m.out_features, device=m.weight.device)
+                  for m in self.modules]
         self.n_a = self.n_s = 0
 
     def accumulate(self, loss_and_mask: Callable[[], tuple[Tensor, Tensor, int]]) -> None:
@@ -201,17 +203,18 @@ class KFAC:
             ma, ms = A.diagonal().mean().clamp_min(1e-30), S.diagonal().mean().clamp_min(1e-30)
             lam = damping * float(ma * ms) if relative else damping
             pi = math.sqrt(float(ma / ms))
-            ad = A + pi * math.sqrt(lam) * torch.eye(A.shape[0])
-            sd = S + math.sqrt(lam) / pi * torch.eye(S.shape[0])
+            ad = A + pi * math.sqrt(lam) * torch.eye(A.shape[0], device=A.device)
+            sd = S + math.sqrt(lam) / pi * torch.eye(S.shape[0], device=S.device)
             out.append(torch.linalg.solve(sd, torch.linalg.solve(ad, g.float().T).T))
         return out
 
 
-def top_eigs(matvec: Callable[[Tensor], Tensor], dim: int, k: int, iters: int, seed: int = 0
-             ) -> tuple[Tensor, Tensor]:
-    """Top-k eigenpairs of a PSD operator by subspace iteration with Rayleigh-Ritz."""
+def top_eigs(matvec: Callable[[Tensor], Tensor], dim: int, k: int, iters: int, seed: int = 0,
+             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of a PSD operator by subspace iteration with Rayleigh-Ritz; the
+    subspace lives on ``device`` (the model's)."""
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen))
+    q, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen).to(device))
     for _ in range(iters):
         z = torch.stack([matvec(q[:, j]) for j in range(k)], 1)
         q, _ = torch.linalg.qr(z)

@@ -42,7 +42,8 @@ def harmful_ggn_eigs(model, batches, linears, k: int, iters: int, seed: int):
         with C.eager_attention(model):
             terms = logit_terms(model, batches)
             dim = sum(p.numel() for p in params)
-            return C.top_eigs(lambda v: C.ggn_vp(terms, params, v), dim, k, iters, seed)
+            return C.top_eigs(lambda v: C.ggn_vp(terms, params, v), dim, k, iters, seed,
+                              device=params[0].device)
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)

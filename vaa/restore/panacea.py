@@ -25,6 +25,7 @@ import torch
 from vaa.methods.base import TrainingMethod
 from vaa.methods.grads import trainable_params
 from vaa.methods.perturb import perturb_weights
+from vaa.methods.precision import check_realised
 from vaa.restore.base import Restorer
 from vaa.restore.schema import PanaceaRestoreConfig
 from vaa.training.module import FinetuneModule
@@ -50,26 +51,46 @@ class PanaceaStep(TrainingMethod):
             self.order = torch.randperm(len(self.guide), generator=self.gen).tolist()
         return self.guide[self.order.pop()]
 
+    def setup(self, module, datamodule) -> None:
+        self.params = trainable_params(module.model)  # with LoRA: the adapters
+
+    def take_grads(self) -> list[torch.Tensor]:
+        """The current ``.grad`` of every parameter, handed over (``.grad`` is None after)."""
+        out = []
+        for p in self.params:
+            out.append(p.grad if p.grad is not None else torch.zeros_like(p))
+            p.grad = None
+        return out
+
     def training_step(self, module, batch):
-        params = trainable_params(module.model)
+        # Every pass goes through manual_backward (DDP's all-reduce, the precision plugin),
+        # as in every other method; the guide batch on the module's device.
+        hb = {k: v.to(module.device) for k, v in self.next_guide().items()}
         f = module.lm_loss(batch)
-        g_f = torch.autograd.grad(f, params, allow_unused=True)
-        hb = self.next_guide()
+        module.manual_backward(f)
+        g_f = self.take_grads()
         h = module.lm_loss(hb)
-        g_h = torch.autograd.grad(h, params, allow_unused=True)
-        with perturb_weights(params, direction=list(g_h), rho=self.rho) as info:
+        module.manual_backward(h)
+        g_h = self.take_grads()
+        with perturb_weights(self.params, direction=g_h, rho=self.rho,
+                             measure=self.measure_at(module)) as info:
             h_eps = torch.clamp(module.lm_loss(hb), max=self.clamp)
-            g_h2 = torch.autograd.grad(h_eps, params, allow_unused=True)
-            scale = info.scale
+            module.manual_backward(h_eps)  # .grad = g_h' at w + ε
         with torch.no_grad():
-            self.eps = [None if g is None else g * scale for g in g_h]  # a copy, not the grad buffer
-            for p, a, b, c in zip(params, g_f, g_h, g_h2):
-                z = torch.zeros_like(p)
-                p.grad = (a if a is not None else z) - self.lam * ((c if c is not None else z)
-                                                                   - (b if b is not None else z))
+            self.eps = [g * info.scale for g in g_h]  # a copy on the model's device
+            for p, a, b in zip(self.params, g_f, g_h):  # G = g_f − λ·(g_h' − g_h)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.sub_(b).mul_(-self.lam).add_(a)
         grad_norm = self.apply_gradients(module)
-        return {"loss": f.detach(), "harmful_loss": h.detach(), "harmful_loss_eps": h_eps.detach(),
+        logs = {"loss": f.detach(), "harmful_loss": h.detach(), "harmful_loss_eps": h_eps.detach(),
                 "grad_norm": grad_norm}
+        if info.measure is not None:
+            logs.update(eps_realised_norm=torch.tensor(info.realised_norm),
+                        eps_realised_cos=torch.tensor(info.realised_cos))
+            check_realised("restore=panacea", info.realised_norm, info.realised_cos, info.eps_norm,
+                           info.measure, "restore.rho")
+        return logs
 
 
 class Panacea(Restorer):
@@ -84,12 +105,12 @@ class Panacea(Restorer):
         guide = inputs.batches(inputs.harmful(hp), inputs.cfg.attack.batch_size)
         step = PanaceaStep(guide, hp.lam, hp.rho, hp.clamp, seed=hp.seed)
         rows = inputs.hft()
-        inputs.train(FinetuneModule, model, inputs.tokenizer, rows, inputs.cfg.attack, step,
-                     "restored", inputs.seed)
-        with torch.no_grad():
+        # train returns the model it trained: with LoRA the PeftModel (its adapters hold ε)
+        model = inputs.train(FinetuneModule, model, inputs.tokenizer, rows, inputs.cfg.attack,
+                             step, "restored", inputs.seed)
+        with torch.no_grad():  # release w + ε; Lightning may have moved the model back to the CPU
             for p, e in zip(trainable_params(model), step.eps or []):
-                if e is not None:
-                    p.add_(e)
+                p.add_(e.to(device=p.device, dtype=p.dtype))
         a = inputs.cfg.attack
         steps = a.max_steps if a.max_steps > 0 else a.epochs * -(-len(rows) // a.batch_size)
         self.passes = 3 * steps * a.batch_size

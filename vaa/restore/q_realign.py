@@ -51,8 +51,8 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l1: float, steps: int) -> tuple[
     original feature space."""
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
+    w = torch.zeros(x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros((), device=x.device, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
@@ -108,8 +108,9 @@ class QRealign(Restorer):
         for l in range(n_layers):
             mods = {f"model.layers.{l}.{n}": m for n, m in layers[l].named_modules()
                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in hp.targets}
-            clip = {n: (torch.full((m.out_features, 1), 4.0, requires_grad=True),
-                        torch.full((m.out_features, 1), 4.0, requires_grad=True)) for n, m in mods.items()}
+            clip = {n: (torch.full((m.out_features, 1), 4.0, device=m.weight.device, requires_grad=True),
+                        torch.full((m.out_features, 1), 4.0, device=m.weight.device, requires_grad=True))
+                    for n, m in mods.items()}
             opt = torch.optim.AdamW([t for pair in clip.values() for t in pair], lr=hp.lr, weight_decay=0.0)
             w_probe, b_probe = probes[l]
             acc_before.append(self.probe_acc(model, batches, l, w_probe, b_probe))
@@ -118,7 +119,7 @@ class QRealign(Restorer):
                     over = {f"{n}.weight": fake_quant(m.weight, *clip[n], hp.bits) for n, m in mods.items()}
                     h = self.hidden(model, b, over)[l]
                     good, bad = b["y"] == 0, b["y"] == 1
-                    loss = torch.zeros(())
+                    loss = torch.zeros((), device=h.device)
                     if good.any():
                         m = b["attention_mask"][good].bool()
                         loss = loss + F.mse_loss(h[good][m], tgt[l][good][m])
