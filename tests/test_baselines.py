@@ -551,3 +551,69 @@ def test_method_state_round_trips_through_a_checkpoint(world, make_method):
     assert getattr(a, "history", None) == getattr(b_method, "history", None)
     for s, t in zip(getattr(a, "shadow", []), getattr(b_method, "shadow", [])):
         torch.testing.assert_close(s, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume for every stage: stop after k steps, resume from the checkpoint, compare bitwise
+# ---------------------------------------------------------------------------------------------
+def _resume_case(name):
+    from vaa.config.schema import AlignConfig
+    from vaa.methods.sft import SFT
+    from vaa.training.module import AlignModule
+    align = {"sft": SFT, "vaccine": lambda: Vaccine(rho=2.0), "booster": lambda: Booster(lam=5.0, alpha=0.1),
+             "repnoise": lambda: RepNoise(noise_weight=0.1, ascent_weight=0.1)}
+    defense = {"lisa": lambda: Lisa(align_steps=2, finetune_steps=3, min_cycles=0),
+               "ema": lambda: EMA(beta=0.7), "lookahead": LookAhead, "none": SFT}
+    if name in align:
+        return align[name], AlignModule, AlignConfig, None
+    task = [Example("classify the sentiment .", f"a fine film {'warm ' * (i % 5)}", "positive")
+            for i in range(18)]
+    return defense[name], FinetuneModule, AttackConfig, task
+
+
+def _trainer(steps, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     **{"enable_checkpointing": False, **kw})
+
+
+@pytest.mark.parametrize("name,stop", [("sft", 5), ("sft", 6), ("vaccine", 5), ("repnoise", 5),
+                                       ("booster", 5), ("none", 3), ("lisa", 3), ("ema", 3),
+                                       ("lookahead", 3)])
+def test_resume_equals_uninterrupted(world, tmp_path, name, stop):
+    """Every alignment method and fine-tuning defense: train 9 steps, or stop after ``stop``
+    steps (mid-epoch, or at the epoch boundary for sft/6) and resume from the checkpoint: every
+    parameter is bitwise equal. 9 steps cross into the second epoch, whose order
+    must not repeat the first's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    make_method, module_cls, recipe_cls, rows = _resume_case(name)
+    steps = 9
+    recipe = OmegaConf.structured(recipe_cls(lr=1e-3, batch_size=BATCH))
+
+    def run(steps_now, ckpt=None, callbacks=()):
+        method = make_method()
+        dm = datamodule(world, method, rows=rows)
+        module = module_cls(copy.deepcopy(world.model), method, recipe, total_steps=steps)
+        kw = {"enable_checkpointing": True, "callbacks": list(callbacks)} if callbacks else {}
+        _trainer(steps_now, **kw).fit(module, datamodule=dm, ckpt_path=ckpt)
+        return module
+
+    full = run(steps)
+    cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=stop)
+    first = run(stop, callbacks=[cb])
+    resumed = run(steps, ckpt=str(tmp_path / "last.ckpt"))
+    assert any(not torch.equal(a, b) for a, b in zip(first.model.parameters(), full.model.parameters()))
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    assert getattr(full.method, "history", None) == getattr(resumed.method, "history", None)
+
+
+def test_epoch_order_is_a_function_of_seed_epoch_and_position():
+    from vaa.data.datamodule import EpochOrder
+    a, b = EpochOrder(10, 4, seed=3), EpochOrder(10, 4, seed=3)
+    assert [a.batch(1, p) for p in range(3)] == [b.batch(1, p) for p in range(3)]
+    assert sorted(i for p in range(3) for i in a.batch(0, p)) == list(range(10))
+    assert a.rows(0) != a.rows(1) and a.rows(0) != EpochOrder(10, 4, seed=4).rows(0)
+    ranks = [EpochOrder(10, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert sorted(ranks[0].rows(2) + ranks[1].rows(2)) == list(range(10))
+    assert ranks[0].steps_per_epoch() == 2
