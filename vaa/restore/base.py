@@ -39,12 +39,15 @@ class RestoreInputs:
     """What a restorer may read: models (loaded on first use), repair data, encoding settings.
 
     ``train(module_cls, model, tokenizer, examples, recipe, method, stage, seed)`` is the
-    pipeline's one training routine, for methods that own a fine-tuning loop (Panacea)."""
+    pipeline's one training routine, for methods that own a fine-tuning loop (Panacea).
+    ``device``: where the repair runs (the model's device, :func:`restore_device`); models
+    loaded here and batches built here are put there."""
 
     def __init__(self, *, cfg, source, model_dirs: dict[str, Path], tokenizer,
-                 train: Callable | None = None):
+                 train: Callable | None = None, device: torch.device | str = "cpu"):
         self.cfg, self.source, self.model_dirs, self.tokenizer = cfg, source, model_dirs, tokenizer
         self.train = train
+        self.device = torch.device(device)
         self.template = cfg.template.train
         self.max_length, self.max_prompt_length = cfg.model.max_length, cfg.model.max_prompt_length
         self.seed = int(cfg.seed)
@@ -55,7 +58,7 @@ class RestoreInputs:
             raise KeyError(f"restore: model {which!r} not available; the restorer must list it in "
                            f"`reads` (available: {sorted(self.model_dirs)})")
         model, _ = load_model(self.model_dirs[which])
-        return model.eval()
+        return model.to(self.device).eval()
 
     def harmful(self, hp) -> list[Example]:
         """Harmful prompt → harmful answer rows (``hp.harmful_split``; never the HFT pool)."""
@@ -87,7 +90,8 @@ class RestoreInputs:
         rows, _ = encode_rows(self.tokenizer, examples, self.template, self.max_length,
                               self.max_prompt_length, what="restore rows")  # warns on cut targets
         collate = TrainCollator(self.tokenizer.pad_token_id)
-        return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+        return [{k: v.to(self.device) for k, v in collate(rows[i:i + batch_size]).items()}
+                for i in range(0, len(rows), batch_size)]
 
 
 def n_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -133,13 +137,22 @@ class Restorer:
         self.passes += times * sum(int(b["input_ids"].shape[0]) for b in batches)
 
 
+def restore_device(trainer_cfg) -> torch.device:
+    """The repair runs where training runs: the GPU when the trainer uses one, else the CPU
+    (a 7B repair on the CPU would hold its curvature vectors in host memory)."""
+    if torch.cuda.is_available() and str(trainer_cfg.accelerator) in ("gpu", "cuda", "auto"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def restore_stage(cfg, source, dirs: dict[str, Path], out: Path, restorer: Restorer,
                   train: Callable | None = None) -> dict:
     """Build the ``restored`` artifact: load the fine-tuned model, repair, save model and
     ``restore.json`` (method, wall seconds, passes, diagnostics)."""
     model, tokenizer = load_model(dirs["finetuned"])
-    model.eval()  # no dropout: deterministic losses and HVPs
-    inputs = RestoreInputs(cfg=cfg, source=source, tokenizer=tokenizer, train=train,
+    device = restore_device(cfg.trainer)
+    model.to(device).eval()  # no dropout: deterministic losses and HVPs
+    inputs = RestoreInputs(cfg=cfg, source=source, tokenizer=tokenizer, train=train, device=device,
                            model_dirs={k: dirs[k] for k in restorer.reads})
     diagnostic = restorer.diagnose(model, inputs)
     t0 = time.perf_counter()
