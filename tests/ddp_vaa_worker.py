@@ -37,7 +37,7 @@ from vaa.data.templates import TEMPLATES
 from vaa.methods.vaa import VAA
 from vaa.models.build import build_tiny_llama
 from vaa.models.tokenizer import build_word_tokenizer
-from vaa.training.module import AlignModule
+from vaa.training.module import AlignModule, fit_and_recover
 from vaa.world.generator import WorldSizes, write_world
 
 STEPS = 8
@@ -106,6 +106,7 @@ class RecordVAA(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         params = [p.detach().double() for p in pl_module.model.parameters()]
         record = {"rank": int(trainer.global_rank), "world_size": int(trainer.world_size),
+                  "out_dir": self.out_dir,
                   "strategy": type(trainer.strategy).__name__,
                   "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
                   "stream_rank": pl_module.method.stream.rank,
@@ -154,7 +155,9 @@ def main(out_dir: str) -> None:
                         max_epochs=-1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[RecordVAA(str(out))])
-    trainer.fit(module, datamodule=dm)
+    fit_and_recover(trainer, module, dm)  # the main process gets the method's state back
+    (out / "main.json").write_text(json.dumps({"trajectory": [list(t) for t in method.trajectory],
+                                               "stats": method.stats}))
 
 
 if __name__ == "__main__":

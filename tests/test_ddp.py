@@ -136,3 +136,11 @@ def test_gradients_are_averaged_weights_stay_in_sync(ranks):
     r0, r1 = ranks
     assert r0["param_sum"] == pytest.approx(r1["param_sum"], rel=1e-9, abs=1e-9)
     assert r0["param_absmax"] == pytest.approx(r1["param_absmax"], rel=1e-9, abs=1e-9)
+
+
+def test_the_trajectory_comes_back_from_ddp_spawn(ranks):
+    """Only the weights come back from spawned children by themselves: the sampler's
+    trajectory and stats must too (dro_trajectory.json would be empty otherwise)."""
+    main = json.loads((Path(ranks[0]["out_dir"]) / "main.json").read_text())
+    assert len(main["trajectory"]) == worker_steps()
+    assert main["stats"]["steps"] == worker_steps()

@@ -32,6 +32,7 @@ from vaa.methods.base import TrainingMethod
 from vaa.methods.grads import global_norm, trainable_params
 from vaa.methods.hooks import ATTENTION, layer_modules
 from vaa.methods.perturb import perturb_weights
+from vaa.methods.precision import check_realised
 from vaa.methods.vaccine import perturbed_backward
 
 VARIANTS = ("upstream", "vaa_sign_bug")
@@ -84,7 +85,11 @@ class Booster(TrainingMethod):
         logs["harmful_grad_norm"] = norm = global_norm(g_h)
         with torch.no_grad():
             if self.meta_term:
+                self.last_realised = None
                 logs["harmful_loss_moved"] = self._moved_harmful_grad(module, hb, g_h, norm)
+                if self.last_realised is not None:
+                    logs["alpha_step_realised_norm"] = torch.tensor(self.last_realised[0])
+                    logs["alpha_step_realised_cos"] = torch.tensor(self.last_realised[1])
                 # g_h ← λ(g_h − g_h′) with g_h′ taken from .grad (upstream negated g_h in place)
                 g_moved = self.take_grads()
                 if self.variant == "upstream":  # g_h holds −g_h
@@ -97,7 +102,8 @@ class Booster(TrainingMethod):
             else:
                 torch._foreach_mul_(g_h, self.lam)
         if self.perturb_aware:  # passes 3-4: Vaccine's perturbed alignment gradient
-            vac = perturbed_backward(module, batch, self.layers, self.vaccine_rho)
+            vac = perturbed_backward(module, batch, self.layers, self.vaccine_rho,
+                                     self.measure_at(module), knob="method.vaccine_rho")
             loss = vac["loss"]
             logs["eps_norm"] = vac["eps_norm"]
         else:  # pass 3: g_a
@@ -118,11 +124,16 @@ class Booster(TrainingMethod):
         θ + 2α·ĝ_h (``vaa_sign_bug``). Returns h at the moved point."""
         if self.variant == "upstream":
             torch._foreach_neg_(g_h)  # direction −g_h: θ − α·ĝ_h
-            with perturb_weights(self.params, direction=g_h, rho=self.alpha,
-                                 buffers=self.restore_buffers, grad_norm_value=norm):
+            measure = self.measure_at(module)
+            with perturb_weights(self.params, direction=g_h, rho=self.alpha, measure=measure,
+                                 buffers=self.restore_buffers, grad_norm_value=norm) as step:
                 with torch.enable_grad():
                     h1 = module.lm_loss(hb)
                     module.manual_backward(h1)
+            if measure is not None:  # an α step that rounds away makes Booster plain SFT
+                self.last_realised = (step.realised_norm, step.realised_cos)
+                check_realised("method=booster", step.realised_norm, step.realised_cos, step.eps_norm, measure,
+                               "method.alpha")
             return h1.detach()
         scale = self.alpha / (float(norm) + 1e-7)
         with torch.no_grad():

@@ -37,8 +37,9 @@ from vaa.analysis.trajectory import write_trajectory
 from vaa.data.group_stream import GroupDataModule
 from vaa.methods.base import TrainingMethod
 from vaa.methods.dro.sampler import EXP3Sampler
-from vaa.methods.grads import mix_grads, trainable_params
+from vaa.methods.grads import is_sharded, mix_grads, sharded_norm, trainable_params
 from vaa.methods.perturb import SAMPerturber
+from vaa.methods.precision import check_realised
 
 VUL, INV = 1, 0
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def lambda_at(step: int, total: int, lambda_max: float, schedule: str) -> float:
 class VAA(TrainingMethod):
     name = "vaa"
     requires_groups = True
+    fsdp_safe = True  # ‖G0‖ all-reduced over shards; parameters taken at the first step
 
     def __init__(self, dro: Any, seed: int = 0, **hparams: Any):
         super().__init__(**hparams)
@@ -94,8 +96,13 @@ class VAA(TrainingMethod):
         self.sampler = EXP3Sampler(num_groups=2, eta=s.eta, init=s.init, group_sizes=sizes,
                                    clip=list(s.clip) if s.clip is not None else None,
                                    feedback=s.feedback, seed=self.seed)
-        self.perturber = SAMPerturber(trainable_params(module.model), self.dro.sam.rho,
-                                      restore=self.dro.sam.restore)
+        self.perturber: SAMPerturber | None = None  # built at the first step: after sharding
+
+    def _perturber(self, module) -> SAMPerturber:
+        if self.perturber is None:
+            self.perturber = SAMPerturber(trainable_params(module.model), self.dro.sam.rho,
+                                          restore=self.dro.sam.restore)
+        return self.perturber
 
     def training_step(self, module, _step) -> dict[str, torch.Tensor]:
         d = self.dro
@@ -108,15 +115,25 @@ class VAA(TrainingMethod):
         perturb = lam > 0 and (d.lambda_mixing == "weighted" or self.coin.random() > 1 - lam)
         loss = loss0.detach()
         if perturb:
-            g0 = self.perturber.stash_grads() if d.lambda_mixing == "weighted" else None
-            with self.perturber.perturbed():
+            sam = self._perturber(module)
+            g0 = sam.stash_grads() if d.lambda_mixing == "weighted" else None
+            measure = self.measure_at(module)
+            norm = (sharded_norm([p.grad for p in sam.params], True) if is_sharded(module)
+                    else None)
+            with sam.perturbed(grad_norm_value=norm, measure=measure):
                 module.model.zero_grad(set_to_none=False)
                 loss1 = module.lm_loss(batch)
                 module.manual_backward(loss1)
             logs[f"loss_perturbed/g{group}"] = loss1.detach()
-            logs["eps_norm"] = torch.tensor(self.perturber.last_eps_norm)
+            logs["eps_norm"] = torch.tensor(sam.last_eps_norm)  # nominal: ρ
+            if measure is not None:  # what the forward saw after rounding (precision.py)
+                logs["eps_realised_norm"] = torch.tensor(sam.last_realised_norm)
+                logs["eps_realised_cos"] = torch.tensor(sam.last_realised_cos)
+                check_realised("method=vaa", sam.last_realised_norm, sam.last_realised_cos,
+                               sam.last_eps_norm, measure,
+                               "dro.sam.rho")
             if g0 is not None:
-                mix_grads(self.perturber.params, g0, lam)
+                mix_grads(sam.params, g0, lam)
                 loss = (1 - lam) * loss0.detach() + lam * loss1.detach()
             else:
                 loss = loss1.detach()
@@ -124,7 +141,7 @@ class VAA(TrainingMethod):
             self.update_sampler(module, group, loss)
         logs["grad_norm"] = self.apply_gradients(module)
         l1 = logs.get(f"loss_perturbed/g{group}")
-        self.trajectory.append((group, self.sampler.probs[VUL], float(loss0),
+        self.trajectory.append((group, self.sampler.probs[VUL], float(loss0.detach()),
                                 None if l1 is None else float(l1)))
         self.stats["steps"] += 1
         self.stats["perturbed"] += int(perturb)
@@ -160,7 +177,9 @@ class VAA(TrainingMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if state.get("sampler") is not None:
+        # The main process after ddp_spawn has no sampler (setup ran in the children): it
+        # needs only the trajectory and the stats, for write_artifacts.
+        if state.get("sampler") is not None and self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
         self.coin.setstate(state["coin"])
         self.stats = dict(state["stats"])

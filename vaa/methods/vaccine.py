@@ -23,6 +23,7 @@ import torch
 from vaa.methods.base import TrainingMethod
 from vaa.methods.grads import global_norm
 from vaa.methods.hooks import ATTENTION, AddToOutputs, CaptureOutputs, layer_modules
+from vaa.methods.precision import check_realised
 
 
 def hidden_perturbation(module, batch, layers, rho: float):
@@ -41,14 +42,24 @@ def hidden_perturbation(module, batch, layers, rho: float):
     return loss.detach(), eps, norm
 
 
-def perturbed_backward(module, batch, layers, rho: float) -> dict[str, torch.Tensor]:
-    """Both passes of Vaccine; leaves ∇_θ f(θ; e + ε) accumulated in ``.grad``."""
+def perturbed_backward(module, batch, layers, rho: float, measure: str | None = None,
+                       knob: str = "method.rho") -> dict[str, torch.Tensor]:
+    """Both passes of Vaccine; leaves ∇_θ f(θ; e + ε) accumulated in ``.grad``. ``measure``
+    (a precision string, :meth:`TrainingMethod.measure_at`): also log what ε became after
+    rounding into the hidden states' dtype, and refuse a run where it vanishes."""
     clean, eps, norm = hidden_perturbation(module, batch, layers, rho)
-    with AddToOutputs(layers, eps):  # kept through backward: a gradient-checkpoint recompute
-        loss = module.lm_loss(batch)  # adds the same ε again (the hook is idempotent per forward)
+    with AddToOutputs(layers, eps, measure=measure is not None) as add:
+        # kept through backward: a gradient-checkpoint recompute adds the same ε again
+        loss = module.lm_loss(batch)
         module.manual_backward(loss)
     eps_norm = global_norm(eps)
-    return {"loss": loss.detach(), "loss_clean": clean, "hidden_grad_norm": norm, "eps_norm": eps_norm}
+    out = {"loss": loss.detach(), "loss_clean": clean, "hidden_grad_norm": norm, "eps_norm": eps_norm}
+    if measure is not None:
+        out["eps_realised_norm"] = torch.tensor(add.realised_norm)
+        out["eps_realised_cos"] = torch.tensor(add.realised_cos)
+        check_realised("method=vaccine", add.realised_norm, add.realised_cos, float(eps_norm),
+                       measure, knob)
+    return out
 
 
 class Vaccine(TrainingMethod):
@@ -66,7 +77,7 @@ class Vaccine(TrainingMethod):
         self.layers = layer_modules(module.model, self.attn_pattern)
 
     def training_step(self, module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logs = perturbed_backward(module, batch, self.layers, self.rho)
+        logs = perturbed_backward(module, batch, self.layers, self.rho, self.measure_at(module))
         logs["grad_norm"] = self.apply_gradients(module)
         return logs
 
