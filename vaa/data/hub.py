@@ -6,10 +6,12 @@ jsonl, csv or parquet with the upstream columns) or from the Hugging Face hub
 layout, ``<dataset>/<split>.jsonl``, so every loader, template, scorer and task config serves
 both. Every written row gets a ``uid`` (``<source>#<row index>``); the alignment rows, every
 harmful slice, the HS prompts (and a tiny model's base corpus) are asserted pairwise
-disjoint by uid, and each task's train rows disjoint from its test rows.
+disjoint by uid and, against the HS prompts, by content (vaa.data.beavertails: a training row
+whose prompt is an HS prompt is dropped or re-drawn, counted in ``data.json``), and each
+task's train rows disjoint from its test rows.
 
 Slices (``data.align_rows`` …) count rows of one kind in table order: safe rows for the
-alignment set (or refusal rows, ``data.align_source=refusals``), unsafe rows for the harmful
+alignment set (or refusal rows, ``data.align_source``), unsafe rows for the harmful
 slices and the HS prompts. A table that cannot be read fails at once with the key to set.
 Task tables are read when present; a task whose table is missing fails when it is used,
 with the same message.
@@ -22,6 +24,9 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from vaa.data.beavertails import assert_disjoint as _assert_disjoint
+from vaa.data.beavertails import beavertails_slices as _beavertails_slices
+from vaa.data.beavertails import with_uids as _uid
 from vaa.data.io import read_rows
 from vaa.models.hub import MissingResource, hub_reachable
 
@@ -30,6 +35,7 @@ MISSING = "MISSING.txt"  # written into a task's folder when its table could not
 TASK_TABLES = {"sst2": ("sst2_train", "sst2_validation", "validation"),
                "ag_news": ("ag_news_train", "ag_news_test", "test"),
                "gsm8k": ("gsm8k_train", "gsm8k_test", "test")}
+DATA_CODE = ("hub.py", "beavertails.py", "content.py", "../eval/judges.py")  # digested into the data stage's key
 LOCAL_TABLES = ("beavertails_train", "beavertails_test", "refusals", "sst2_train",
                 "sst2_validation", "ag_news_train", "ag_news_test", "gsm8k_train", "gsm8k_test",
                 "alpaca_eval")
@@ -92,75 +98,10 @@ def read_table(d, name: str) -> tuple[list[dict], str]:
     return [dict(r) for r in ds], f"{t.hub}/{t.config or 'default'}/{t.split}"
 
 
-def _is_safe(row: dict, src: str, i: int) -> bool:
-    v = row.get("is_safe")
-    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
-        return v.strip().lower() == "true"
-    if not isinstance(v, bool):
-        raise ValueError(f"{src}, row {i}: 'is_safe' must be true/false, got {v!r}")
-    return v
-
-
-def _refusal_row(row: dict, src: str, i: int) -> dict:
-    """A refusal-enriched row as a BeaverTails alignment row: output = the refusal's answer
-    (the file stores "Question: …\\nAnswer: …"; protocol.md §2 says verify on load)."""
-    for c in ("prompt", "refusal"):
-        if c not in row:
-            raise ValueError(f"{src}, row {i}: missing column {c!r} (refusal file needs prompt, refusal)")
-    answer = row["refusal"].split("\nAnswer:", 1)[-1].strip()
-    if not answer:
-        raise ValueError(f"{src}, row {i}: empty refusal answer")
-    return {"prompt": row["prompt"], "response": answer, "category": {}, "is_safe": True}
-
-
-def _slice(rows: list, s) -> list:
-    return rows[s.start:s.stop]
-
-
-def _assert_disjoint(named: dict[str, list[dict]], what: str) -> None:
-    seen: dict[str, str] = {}
-    for name, rows in named.items():
-        for r in rows:
-            if r["uid"] in seen and seen[r["uid"]] != name:
-                raise ValueError(f"{what}: row {r['uid']} is in both {seen[r['uid']]} and {name}; "
-                                 f"make the data.* slices disjoint")
-            seen[r["uid"]] = name
-
-
-def _uid(rows: list[dict], src: str) -> list[dict]:
-    return [{"uid": f"{src}#{i}", **r} for i, r in enumerate(rows)]
-
-
-def beavertails_slices(d) -> dict[str, list[dict]]:
-    """The alignment set, harmful slices, HS prompts and base corpus (protocol.md §3)."""
-    rows, src = read_table(d, "beavertails_train")
-    train = _uid(rows, src)
-    safe = [r for i, r in enumerate(train) if _is_safe(r, src, i)]
-    unsafe = [r for i, r in enumerate(train) if not _is_safe(r, src, i)]
-    if d.align_source == "refusals":
-        ref, rsrc = read_table(d, "refusals")
-        align = [{"uid": f"{rsrc}#{i}", **_refusal_row(r, rsrc, i)} for i, r in enumerate(ref)]
-    elif d.align_source == "beavertails":
-        align = safe
-    else:
-        raise ValueError(f"data.align_source={d.align_source!r}; use beavertails or refusals")
-    test_rows, tsrc = read_table(d, "beavertails_test")
-    test = [r for i, r in enumerate(_uid(test_rows, tsrc)) if not _is_safe(r, tsrc, i)]
-    if d.hs_dedup:
-        firsts: dict[str, dict] = {}
-        for r in test:
-            firsts.setdefault(r["prompt"].strip(), r)
-        test = list(firsts.values())
-    out = {"align": _slice(align, d.align_rows), "harmful": _slice(unsafe, d.harmful_rows),
-           "proxy_harmful": _slice(unsafe, d.proxy_rows),
-           "align_harmful": _slice(unsafe, d.align_harmful_rows), "test": _slice(test, d.hs_rows),
-           "base": _slice(train, d.base_rows)}
-    for name, key in (("align", "align_rows"), ("harmful", "harmful_rows"), ("test", "hs_rows")):
-        if not out[name]:
-            raise ValueError(f"data.{key} selects no rows (check the slice and the table's "
-                             f"safe/unsafe rows)")
-    _assert_disjoint(out, "BeaverTails slices")
-    return {k: v for k, v in out.items() if v}
+def beavertails_slices(d) -> tuple[dict[str, list[dict]], dict]:
+    """The alignment set, harmful slices, HS prompts and base corpus (vaa.data.beavertails),
+    and the content report that goes into data.json."""
+    return _beavertails_slices(d, read_table)
 
 
 def task_splits(d, folder: str) -> dict[str, list[dict]]:
@@ -199,7 +140,8 @@ def build_real_data(d, out: Path) -> None:
     """Write the data folder (see the module docstring) and ``data.json`` (sizes, sources)."""
     out = Path(out)
     written: dict[str, int] = {}
-    for split, rows in beavertails_slices(d).items():
+    slices, content = beavertails_slices(d)
+    for split, rows in slices.items():
         _write(out / "beavertails" / f"{split}.jsonl", rows)
         written[f"beavertails/{split}"] = len(rows)
     builders = {**{f: (lambda f=f: task_splits(d, f)) for f in TASK_TABLES},
@@ -217,7 +159,8 @@ def build_real_data(d, out: Path) -> None:
     tables = {n: {"path": str(table_path(d, n)) if d[n].path else None, "hub": d[n].hub,
                   "config": d[n].config, "split": d[n].split, "revision": d[n].revision}
               for n in LOCAL_TABLES}
-    (out / "data.json").write_text(json.dumps({"rows": written, "tables": tables}, indent=1))
+    (out / "data.json").write_text(json.dumps({"rows": written, "tables": tables,
+                                               "content": content}, indent=1))
 
 
 def real_data_fingerprint(d) -> dict:
@@ -236,4 +179,7 @@ def real_data_fingerprint(d) -> dict:
             else:  # very large: size and time, not a full read at every key computation
                 h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
             files[name] = h.hexdigest()[:16]
-    return {"data_code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16], "files": files}
+    code = hashlib.sha256()
+    for module in DATA_CODE:  # the modules that decide which rows are written
+        code.update((Path(__file__).parent / module).read_bytes())
+    return {"data_code": code.hexdigest()[:16], "files": files}
