@@ -496,3 +496,21 @@ def test_panacea_releases_the_model_training_returned_plus_eps_on_its_device():
     for b, p in zip(trained["before"], out.parameters()):
         assert p.dtype == torch.float64
         torch.testing.assert_close(p.detach(), b + 0.5)
+
+
+def test_curvature_states_its_memory_before_it_starts_and_a_module_subset_shrinks_it():
+    """A 7B model's default space (all seven linear layers) is ~6.5 B entries: the repair says
+    what its vectors cost before it allocates them, and ``restore.modules`` shrinks it."""
+    from omegaconf import OmegaConf
+    from vaa.restore.curvature import memory_plan, target_linears
+    from vaa.restore.schema import CurvatureRestoreConfig
+    model = tiny_llama(0)
+    hp = OmegaConf.structured(CurvatureRestoreConfig)
+    full = target_linears(model, hp.modules)
+    plan = memory_plan([m.weight for m in full], full, hp)
+    numel = sum(m.weight.numel() for m in full)
+    assert plan["numel"] == numel and plan["gb"] == round(4 * numel * plan["vectors"] / 2**30, 3)
+    sub = target_linears(model, ["q_proj", "v_proj"])
+    assert memory_plan([m.weight for m in sub], sub, hp)["numel"] < numel
+    hp.curvature.backend = "lbfgs_ihvp"
+    assert memory_plan([m.weight for m in full], full, hp)["vectors"] == 4 + 2 * hp.curvature.history

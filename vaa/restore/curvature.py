@@ -26,6 +26,7 @@ by default. The geometry diagnostic (§1.5) runs before the repair; see ``geomet
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -35,6 +36,8 @@ from vaa.restore.base import Restorer, dataset_loss, n_tokens
 from vaa.restore.geometry import geometry_report
 from vaa.restore.schema import CurvatureRestoreConfig
 from vaa.training.module import response_loss
+
+log = logging.getLogger(__name__)
 
 
 def loss_terms(model, batches):
@@ -77,6 +80,28 @@ def restore_(params, saved) -> None:
     """Copy ``saved`` back into ``params`` (bit-exact undo of a rejected trial step)."""
     for p, s in zip(params, saved):
         p.copy_(s)
+
+
+# fp32 vectors of the parameter space each backend holds at once (besides the model): the
+# gradient g, the solution x and the step copy of θ, plus the solver's own (CG: r, p, Ap;
+# L-BFGS: 2·history pairs + its direction; diagonal Fisher: one).
+_VECTORS = {"identity": 3, "diag_fisher": 4, "kfac": 3, "cg": 6, "lbfgs_ihvp": 4}
+
+
+def memory_plan(params, modules, hp) -> dict:
+    """What the repair allocates beyond the model, stated before it starts: ``numel``
+    parameters in its space (``restore.modules``; a subset such as ``[q_proj, v_proj]``
+    shrinks it), × 4 bytes × the vectors its backend holds (``_VECTORS``; L-BFGS adds
+    2·``curvature.history``), plus K-FAC's per-module factors. Units: GB = 2**30 bytes."""
+    numel = sum(p.numel() for p in params)
+    cv = hp.curvature
+    vectors = _VECTORS.get(cv.backend, 6) + (2 * cv.history if cv.backend == "lbfgs_ihvp" else 0)
+    extra = 0
+    if cv.backend == "kfac":
+        extra = sum(m.in_features ** 2 + m.out_features ** 2 for m in modules)
+    gb = 4 * (numel * vectors + extra) / 2**30
+    return {"numel": numel, "vectors": vectors, "gb": round(gb, 3),
+            "what": f"{vectors} fp32 vectors of {numel:,} entries" + (" + K-FAC factors" if extra else "")}
 
 
 def influence_n(configured: int | None, attack_n: int | None) -> int:
@@ -248,6 +273,11 @@ class CurvatureRestore(Restorer):
         if hp.step.variant not in variants:
             raise ValueError(f"restore.step.variant={hp.step.variant!r}; use {', '.join(variants)}")
         self.setup(model, inputs)
+        self.info["memory"] = memory_plan(self.params, self.modules, hp)
+        log.info("restore=curvature over %s: %.3g M parameters in its space; its vectors need "
+                 "about %.2f GB beside the model (%s)", ", ".join(hp.modules),
+                 self.info["memory"]["numel"] / 1e6, self.info["memory"]["gb"],
+                 self.info["memory"]["what"])
         try:
             with C.eager_attention(model):
                 if hp.step.variant != "penalised":
