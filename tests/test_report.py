@@ -15,24 +15,27 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
-from vaa.report import build_table, collect, write_report
+from vaa.report import ReportError, build_table, collect, write_report
 from vaa.report.cli import main as report_main
 
 
 def make_job(root: Path, num: int, *, method="sft", task="sst2", seed=0, hs=10.0, fa=80.0,
              hs_aligned=1.0, ft_defense="none", restore="none", extra: dict | None = None,
-             status="ok", cached=None) -> Path:
+             status="ok", cached=None, override_only: dict | None = None,
+             config_only: dict | None = None) -> Path:
     """A job directory as `vaa -m` leaves it: .hydra/{config,overrides}.yaml and, when it
-    finished, metrics.json (when it raised, failed.json)."""
+    finished, metrics.json (when it raised, failed.json). ``extra``: overrides that set config
+    values; ``override_only``: overrides with no node of their own (a preset: experiment=...);
+    ``config_only``: config values no override set (a preset's values, an edited default)."""
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
-    overrides = {"method": method, "task": task, "seed": seed, **(extra or {})}
+    overrides = {"method": method, "task": task, "seed": seed, **(extra or {}), **(override_only or {})}
     if ft_defense != "none":
         overrides["ft_defense"] = ft_defense
     cfg = {"seed": seed, "method": {"name": method}, "task": {"name": task},
            "ft_defense": {"name": ft_defense}, "restore": {"name": restore},
            "attack": {"harmful_ratio": 0.1, "epochs": 2}}
-    for k, v in (extra or {}).items():
+    for k, v in {**(extra or {}), **(config_only or {})}.items():
         node = cfg
         *path, last = k.split(".")
         for p in path:
@@ -146,6 +149,102 @@ def test_rows_name_defense_and_repair_columns_follow_a_swept_setting(tmp_path):
     # asked for tasks as columns, the swept setting goes into the row labels instead
     t = build_table(collect(tmp_path), columns="task")
     assert "sft harmful_ratio=0.05" in t.rows and t.columns == ["sst2"]
+
+
+# --- no job is dropped or merged silently (issue 12, item 7) --------------------------------
+SMOKE_WORLD = {"data.align": 24, "model.arch.hidden_size": 32}  # what experiment=smoke sets
+
+
+def two_sweeps(root: Path) -> dict:
+    """The issue's folder: an `experiment=smoke` sweep and a default-world sweep of the same
+    methods, tasks and seed side by side, 8 finished jobs with 8 different results."""
+    values = {}
+    for s, (sweep, smoke) in enumerate([("smoke_sweep", True), ("default_sweep", False)]):
+        for i, (method, task) in enumerate([("sft", "sst2"), ("sft", "agnews"), ("vaa", "sst2"), ("vaa", "agnews")]):
+            hs = 10.0 * i + (50.0 if smoke else 0.0)
+            make_job(root / sweep, i, method=method, task=task, hs=hs, fa=70.0 + i + s,
+                     override_only={"experiment": "smoke"} if smoke else None,
+                     config_only=SMOKE_WORLD if smoke else None)
+            values["smoke" if smoke else "none", method, task] = hs
+    return values
+
+
+def test_a_smoke_sweep_and_a_default_sweep_are_separate_rows(tmp_path):
+    values = two_sweeps(tmp_path)
+    result = write_report(tmp_path, figures=False)
+    t = result["table"]
+    assert t.row_keys == ["experiment"]
+    assert set(t.rows) == {f"{m} experiment={e}" for m in ("sft", "vaa") for e in ("smoke", "none")}
+    for (e, m, task), hs in values.items():  # every one of the 8 jobs is a cell of its own
+        assert t.hs[f"{m} experiment={e}", task].mean == hs and t.hs[f"{m} experiment={e}", task].n == 1
+    assert "8 found, 8 finished" in result["markdown"] and "8 finished jobs in the table" in result["markdown"]
+    assert "label the rows: `experiment`" in result["markdown"]
+
+
+def test_trainer_settings_that_change_a_model_label_rows_logging_does_not(tmp_path):
+    for i, (precision, bar) in enumerate([("32-true", "true"), ("bf16-true", "false"),
+                                          ("32-true", "false"), ("bf16-true", "true")]):
+        make_job(tmp_path, i, seed=i // 2, hs=float(i),
+                 extra={"trainer.precision": precision, "trainer.progress_bar": bar})
+    assert build_table(collect(tmp_path)).column_key == "trainer.precision"  # one task: the columns
+    t = build_table(collect(tmp_path), columns="task")
+    assert t.row_keys == ["trainer.precision"]
+    assert t.rows == ["sft precision=32-true", "sft precision=bf16-true"]
+    assert t.hs["sft precision=32-true", "sst2"].n == 2  # seeds 0 and 1, whatever the progress bar
+
+
+def test_a_duplicate_with_another_result_makes_the_report_refuse(tmp_path, capsys):
+    a = make_job(tmp_path / "monday", 0, hs=12.0)
+    b = make_job(tmp_path / "tuesday", 0, hs=14.0)  # same cell, same seed, another result
+    make_job(tmp_path / "tuesday", 1, task="agnews", hs=1.0)
+    with pytest.raises(ReportError) as e:
+        build_table(collect(tmp_path))
+    msg = str(e.value)
+    assert "row 'sft', column 'sst2', seed 0" in msg and str(a) in msg and str(b) in msg
+    assert "HS 12.0" in msg and "HS 14.0" in msg and "Fix:" in msg
+    assert report_main([str(tmp_path), "--no-figures"]) == 2  # the CLI says so, writes nothing
+    assert "refusing to build the table" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_an_identical_rerun_is_counted_once_and_named(tmp_path):
+    a = make_job(tmp_path / "first", 0, hs=12.0, seed=0)
+    b = make_job(tmp_path / "again", 0, hs=12.0, seed=0)  # a cached rerun: the same numbers
+    make_job(tmp_path / "first", 1, hs=20.0, seed=1)
+    result = write_report(tmp_path, figures=False)
+    t = result["table"]
+    assert t.hs["sft", "sst2"].n == 2 and t.hs["sft", "sst2"].mean == pytest.approx(16.0)
+    md = result["markdown"]
+    assert "2 finished jobs in the table, 1 counted once as reruns" in md
+    assert "counted once" in md and str(a) in md and str(b) in md
+
+
+def test_a_setting_no_override_names_refuses_or_labels_rows(tmp_path, capsys):
+    """Two sweeps of the same overrides, run before and after `align.lr` was edited in the
+    config: their seeds cannot be one mean; --label align.lr makes them two rows."""
+    make_job(tmp_path / "before", 0, seed=0, hs=10.0, config_only={"align.lr": 0.001})
+    make_job(tmp_path / "after", 0, seed=1, hs=30.0, config_only={"align.lr": 0.0005})
+    with pytest.raises(ReportError, match=r"row 'sft', column 'sst2': .* differ in align\.lr: (0\.0005 vs 0\.001|0\.001 vs 0\.0005)"):
+        build_table(collect(tmp_path))
+    t = build_table(collect(tmp_path), labels=("align.lr",))
+    assert t.rows == ["sft lr=0.0005", "sft lr=0.001"]
+    assert report_main([str(tmp_path), "--no-figures", "--label", "align.lr"]) == 0
+    assert "| SFT lr=0.0005 | 30.0 |" in capsys.readouterr().out
+
+
+def test_replicates_may_differ_in_seed_and_where_they_ran(tmp_path):
+    for seed in (0, 1, 2):
+        make_job(tmp_path, seed, seed=seed, hs=float(seed),
+                 config_only={"paths.cache_dir": f"/cache/{seed}", "logger.name": f"l{seed}",
+                              "trainer.log_every_n_steps": seed + 1})
+    t = build_table(collect(tmp_path))
+    assert t.rows == ["sft"] and t.hs["sft", "sst2"].n == 3 and not t.duplicates
+
+
+def test_the_report_ignores_exactly_the_trainer_keys_that_change_no_artifact():
+    from vaa.pipeline.keys import NOT_ARTIFACT_TRAINER
+    from vaa.report.collect import RUN_ONLY_TRAINER
+    assert set(RUN_ONLY_TRAINER) == set(NOT_ARTIFACT_TRAINER)
 
 
 def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):

@@ -18,17 +18,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the columns are: 'task' (default), or a swept setting such as "
                         "attack.harmful_ratio (chosen automatically when the sweep has one task "
                         "and varies one other setting)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY",
+                   help="a config key to add to the row labels (repeatable), for jobs that differ "
+                        "in a setting no override names; settings that vary across the jobs' "
+                        "overrides label the rows by themselves")
     p.add_argument("--no-figures", action="store_true", help="skip report.png")
     p.add_argument("--wandb", action="store_true",
                    help="also log the table and figures as a W&B run in the sweep's group "
                         "(offline unless WANDB_API_KEY is set)")
     p.add_argument("--wandb-project", default="vaa", help="W&B project (default: vaa)")
     args = p.parse_args(argv)
-    from vaa.report import write_report
+    from vaa.report import ReportError, write_report
 
     try:
-        result = write_report(args.dir, args.out, columns=args.columns, figures=not args.no_figures)
-    except FileNotFoundError as e:
+        result = write_report(args.dir, args.out, columns=args.columns, figures=not args.no_figures,
+                              labels=tuple(args.label))
+    except (FileNotFoundError, ReportError) as e:
         print(e, file=sys.stderr)
         return 2
     print(result["markdown"])

@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 
 # Label keys of a row or column; every other override that varies across jobs is a setting.
 IDENTITY_KEYS = ("method", "ft_defense", "restore", "task", "seed")
-# Overrides that say where or how a job ran, never what it computed.
-IGNORED_PREFIXES = ("hydra", "paths", "logger", "trainer", "experiment")
+# Overrides that say where or how a job ran, never what it computed (the trainer keys of
+# vaa.pipeline.keys.NOT_ARTIFACT_TRAINER). Everything else that varies labels rows: a preset
+# (`experiment`), the model, the data, the trainer's precision and devices (issue 12, item 7).
+# (Kept equal to NOT_ARTIFACT_TRAINER by tests/test_report.py; not imported: that pulls in torch.)
+RUN_ONLY_TRAINER = ("progress_bar", "progress_every_s", "progress_every_n_steps", "log_every_n_steps",
+                    "checkpoint_every_n_steps", "threads")
+IGNORED_PREFIXES = ("hydra", "paths", "logger", *(f"trainer.{k}" for k in RUN_ONLY_TRAINER))
 
 
 @dataclass
@@ -55,6 +60,10 @@ class Job:
             v = OmegaConf.select(self.cfg, key, default=None)
         except Exception:  # an interpolation that cannot resolve outside its run
             return None
+        if v is None and "." not in key and "/" not in key:
+            return "none"  # a config group the job did not choose (experiment, protocol)
+        if OmegaConf.is_config(v):  # a config group: its option's name
+            return str(v.get("name", "(default)")) if OmegaConf.is_dict(v) else str(v)
         return None if v is None else str(v)
 
 
@@ -137,9 +146,13 @@ def collect(root: str | Path) -> list[Job]:
     return [read_job(d) for d in job_dirs(root)]
 
 
+def ignored(key: str) -> bool:
+    return any(key == p or key.startswith((p + ".", p + "/")) for p in IGNORED_PREFIXES)
+
+
 def varying_settings(jobs: list[Job]) -> list[str]:
     """Override keys (other than the row / column labels) whose value differs across jobs:
     they must label rows or columns, or the table would average different settings."""
     keys = sorted({k for j in jobs for k in j.overrides})
-    keys = [k for k in keys if k not in IDENTITY_KEYS and not k.startswith(IGNORED_PREFIXES)]
+    keys = [k for k in keys if k not in IDENTITY_KEYS and not ignored(k)]
     return [k for k in keys if len({j.setting(k) for j in jobs}) > 1]

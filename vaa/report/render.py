@@ -51,8 +51,17 @@ def before_after_markdown(t: Table) -> str:
 def status_markdown(t: Table) -> str:
     jobs = t.jobs
     ok = sum(j.ok for j in jobs)
+    dup = sum(len(d) - 1 for d in t.duplicates)
     lines = [f"Jobs: {len(jobs)} found, {ok} finished, {len(jobs) - ok} failed or unfinished "
-             "(their cells are missing: —)."]
+             "(their cells are missing: —); "
+             f"{ok - dup} finished jobs in the table" + (f", {dup} counted once as reruns" if dup else "")
+             + "."]
+    if t.row_keys:
+        lines.append("Settings that vary across the jobs label the rows: "
+                     + ", ".join(f"`{k}`" for k in t.row_keys) + ".")
+    for d in t.duplicates:
+        lines.append("- rerun with identical results, counted once: " + ", ".join(f"`{j.dir}`" for j in d)
+                     + f" (method={d[0].method} task={d[0].task} seed={d[0].seed})")
     for j in jobs:
         if not j.ok:
             lines.append(f"- `{j.dir}` ({j.status}): method={j.method} task={j.task} seed={j.seed}: {j.error}")

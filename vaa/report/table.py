@@ -4,7 +4,9 @@ mean ± std over seeds (sample std, n − 1; a single seed has no std).
 
 A cell is keyed by (row, column) and holds one value per seed from the jobs that finished;
 a failed or unfinished job adds nothing to it, so its cell (or its seed) is missing, never
-a zero. The average column averages each seed's row over all columns, for the seeds that
+a zero. Every setting that varies across the jobs' overrides labels the rows (or is the
+column); jobs of one cell that still differ in a setting, or repeat a seed with another
+result, make the report refuse (vaa.report.cells): no job is dropped or merged silently. The average column averages each seed's row over all columns, for the seeds that
 have every column, then takes mean ± std over those seeds.
 """
 
@@ -14,6 +16,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from vaa.report.cells import assign_cells
 from vaa.report.collect import Job, varying_settings
 
 METHOD_ORDER = ("sft", "vaa", "vaccine", "repnoise", "repnoise_vaa", "repnoise_vaa_qwen", "booster",
@@ -55,6 +58,7 @@ class Table:
     jobs: list[Job] = field(default_factory=list)
     row_keys: list[str] = field(default_factory=list)  # settings folded into row labels
     row_info: dict[str, dict] = field(default_factory=dict)  # row → method, ft_defense, restore
+    duplicates: list[list[Job]] = field(default_factory=list)  # reruns with identical results
 
 
 def row_label(job: Job, settings: list[str]) -> str:
@@ -111,26 +115,24 @@ def _mean_over_seeds(groups, value) -> Stat | None:
     return Stat.of(means)
 
 
-def build_table(jobs: list[Job], columns: str | None = None) -> Table:
+def build_table(jobs: list[Job], columns: str | None = None, labels: tuple[str, ...] = ()) -> Table:
+    """The table of ``jobs``; ``labels``: config keys to add to the row labels (beside the
+    overrides that vary). Raises ``vaa.report.cells.ReportError`` when a cell would mix
+    jobs of different settings or a seed's reruns disagree."""
     column_key = choose_columns(jobs, columns)
     settings = [k for k in varying_settings(jobs) if k != column_key]
-    if column_key != "task" and len({j.task for j in jobs}) > 1:
+    settings += [k for k in labels if k not in settings and k != column_key]
+    if column_key != "task" and len({j.task for j in jobs}) > 1 and "task" not in settings:
         settings.append("task")  # never average over tasks silently
-    cells: dict[tuple[str, str], dict] = {}  # (row, col) → seed → job (latest wins)
-    rows, cols = set(), set()
-    for job in jobs:
-        r, c = row_label(job, settings), column_label(job, column_key)
-        rows.add(r)
-        cols.add(c)
-        if job.ok:
-            seeds = cells.setdefault((r, c), {})
-            prev = seeds.get(job.seed)
-            if prev is None or (job.dir / "metrics.json").stat().st_mtime >= (prev.dir / "metrics.json").stat().st_mtime:
-                seeds[job.seed] = job
+    found = assign_cells(jobs, lambda j: row_label(j, settings), lambda j: column_label(j, column_key))
+    cells = found.by_cell  # (row, col) → seed → job
+    rows = {row_label(j, settings) for j in jobs}
+    cols = {column_label(j, column_key) for j in jobs}
     t = Table(column_key=column_key, rows=_order(rows, METHOD_ORDER),
               columns=_order(cols, TASK_ORDER), jobs=jobs, row_keys=settings,
               row_info={row_label(j, settings): {"method": j.method, "ft_defense": j.ft_defense,
-                                                 "restore": j.restore} for j in jobs})
+                                                 "restore": j.restore} for j in jobs},
+              duplicates=found.duplicates)
     for r in t.rows:
         by_seed: dict = {}  # seed → this row's finished jobs of that seed (one per column)
         for c in t.columns:
