@@ -246,6 +246,10 @@ class DROConfig:
 
     name: str = "default"
     groups_file: Optional[str] = None  # groups.jsonl or the reference's index list; None: estimate
+    # a reference index list (.json) is verified to index the reference's alignment set (order,
+    # nothing removed, and this sha256 of its uids when set): vaa.data.reference_indices
+    reference_align_checksum: Optional[str] = None
+    reference_check: bool = True  # false: import without those checks (knowingly)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     sam: SAMConfig = field(default_factory=SAMConfig)
     lambda_max: float = 1.0

@@ -27,7 +27,6 @@ default to ``null``, ``[]`` and ``{}``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter, defaultdict
@@ -220,54 +219,9 @@ def groups_for(examples: Sequence[tuple[str, str]], rows: Sequence[dict], *,
 # ---------------------------------------------------------------------------- reference file
 
 
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode("utf-8")).hexdigest()
+def import_reference_indices(path_or_list, examples, **checks) -> list[dict]:
+    """The reference's index list as group rows, after its order and checksum checks: see
+    vaa.data.reference_indices (kept here, where callers have always found it)."""
+    from vaa.data.reference_indices import import_reference_indices as import_indices
 
-
-def import_reference_indices(path_or_list: PathLike | Sequence[int],
-                             examples: Sequence[tuple[str, str]]) -> list[dict]:
-    """Rows from the reference implementation's grouping (``grouping/vulnerable.json``): a
-    JSON list of integer indices into the ordered alignment set; listed = group 1, others 0.
-
-    ``examples`` must be the alignment set rebuilt exactly as the reference did (§2.4): the
-    indices are positional, so this is the one place where order matters. The returned rows
-    carry uids computed from ``examples``; from then on they join by content. ``meta``:
-    ``source``, ``checksum`` (sha256 of the canonical sorted index list, JSON without
-    spaces), ``uids_checksum`` (sha256 of the JSON list of the vulnerable uids in index
-    order), ``align_checksum`` (sha256 of the JSON list of all uids in order: identifies
-    the alignment set the indices were mapped onto), ``n`` and ``path`` when read from a file.
-    """
-    where = "reference index list"
-    meta: dict[str, Any] = {"source": "reference_indices"}
-    if isinstance(path_or_list, (str, os.PathLike)):
-        p = Path(path_or_list)
-        where, meta["path"] = str(p), str(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"reference index file {p} does not exist")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); "
-                             "expected a JSON list of integer indices") from None
-    else:
-        data = path_or_list
-    if not isinstance(data, (list, tuple)):
-        raise ValueError(f"{where}: expected a JSON list of integer indices, got {type(data).__name__}")
-    n = len(examples)
-    seen: set[int] = set()
-    for pos, v in enumerate(data):
-        if not _is_int(v):
-            raise ValueError(f"{where}: entry {pos} is {v!r} ({type(v).__name__}); every entry must "
-                             "be an integer index into the alignment set")
-        if not 0 <= v < n:
-            raise ValueError(f"{where}: index {v} (entry {pos}) is out of range [0, {n}) for an "
-                             f"alignment set of {n} examples")
-        if v in seen:
-            raise ValueError(f"{where}: index {v} appears more than once (entry {pos})")
-        seen.add(v)
-    uids = _uids(examples)
-    indices = sorted(seen)
-    meta.update(checksum=_sha256_json(indices), uids_checksum=_sha256_json([uids[i] for i in indices]),
-                align_checksum=_sha256_json(uids), n=n)
-    return [GroupRow(uid=uids[i], index=i, group=int(i in seen), forgot_num=None, flags=[],
-                     meta=dict(meta)).to_dict() for i in range(n)]
+    return import_indices(path_or_list, examples, **checks)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaa.data.datamodule import hft_mix
 from vaa.data.groups_file import groups_for, import_reference_indices, read_groups
+from vaa.data.reference_indices import alignment_provenance
 from vaa.data.sources import DATASET_FORMATS, FolderSource, extra_examples
 from vaa.data.templates import TEXT_TEMPLATES
 from vaa.eval.evaluate import evaluate
@@ -113,7 +114,10 @@ def load_groups(ctx: Context, examples) -> list[int]:
     path = group_file(ctx)
     pairs = [(e.input, e.output) for e in examples]
     if path.suffix == ".json":  # the reference implementation's list of vulnerable indices
-        rows = import_reference_indices(path, pairs)
+        d = ctx.cfg.dro  # verified to be on the reference's alignment set (order, checksum)
+        rows = import_reference_indices(path, pairs, check=d.reference_check,
+                                        expected_checksum=d.reference_align_checksum,
+                                        **alignment_provenance(ctx.source.root, len(pairs)))
     else:
         rows = read_groups(path)
     return groups_for(pairs, rows)
