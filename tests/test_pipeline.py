@@ -103,6 +103,10 @@ def test_end_to_end_metrics(first_run):
         assert m["n_hs"] == cfg.data.hs_test and m["n_fa"] == cfg.data.task_test
         assert m["cached"] is False  # a cold cache: everything was built
         assert m["cache_key"] == plan_keys(cfg)[stage]
+        # every training stage reports its cut targets (issue 15 item 2), beside its scores
+        t = m["train_truncation"]["train"]
+        assert t["rows"] > 0 and 0 <= t["truncated_text"] <= t["truncated_targets"] <= t["rows"]
+        assert t["max_length"] == cfg.model.max_length
     final = metrics["stages"]["finetuned"]
     assert metrics["harmful_score"] == final["harmful_score"]
     assert metrics["finetune_accuracy"] == final["finetune_accuracy"]

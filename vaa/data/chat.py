@@ -90,7 +90,7 @@ class ChatTemplate:
 
     def end_of_turn_id(self, tokenizer) -> int:
         """The token the template closes an assistant turn with (EOS when it has none)."""
-        return self.target_ids(tokenizer, "x", "", "y")[-1]
+        return self.target_ids(tokenizer, "x", "", "")[-1]
 
     def stop_ids(self, tokenizer) -> list[int]:
         """Generation stops at EOS or the end-of-turn token."""
@@ -103,9 +103,11 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def special_ids(tokenizer) -> set[int]:
-    """Ids of every special token: the named ones and added tokens marked special."""
+    """Ids of every special token that can close a turn: the named ones and added tokens
+    marked special, except UNK (a word-level tokenizer's unknown word is not an end)."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for i, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
         if getattr(tok, "special", False):
             ids.add(int(i))
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
     return ids
