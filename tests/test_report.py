@@ -241,6 +241,15 @@ def test_replicates_may_differ_in_seed_and_where_they_ran(tmp_path):
     assert t.rows == ["sft"] and t.hs["sft", "sst2"].n == 3 and not t.duplicates
 
 
+def test_an_option_added_between_two_runs_is_no_disagreement(tmp_path):
+    """A cached rerun after a new config option landed: the older job's config lacks the key
+    (nothing is known of its value), so the two still are one cell, counted once."""
+    make_job(tmp_path / "old", 0, hs=12.0)
+    make_job(tmp_path / "new", 0, hs=12.0, config_only={"dro.reference_check": True})
+    t = build_table(collect(tmp_path))
+    assert t.hs["sft", "sst2"].n == 1 and len(t.duplicates) == 1
+
+
 def test_the_report_ignores_exactly_the_trainer_keys_that_change_no_artifact():
     from vaa.pipeline.keys import NOT_ARTIFACT_TRAINER
     from vaa.report.collect import RUN_ONLY_TRAINER

@@ -64,12 +64,13 @@ def _run_only(key: str) -> bool:
 
 
 def config_diff(a: Job, b: Job) -> list[str]:
-    """Keys whose values differ between two jobs' configs, as ``key: A vs B``."""
+    """Keys whose values differ between two jobs' configs, as ``key: A vs B``. A key only one
+    of them has is no disagreement: the config schema grew between the runs (a cached rerun
+    after a new option landed), and the key says nothing of the older run's value."""
     fa, fb = flat_config(a), flat_config(b)
     if fa is None or fb is None:
         return []
-    return [f"{k}: {fa.get(k, '(absent)')} vs {fb.get(k, '(absent)')}"
-            for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return [f"{k}: {fa[k]} vs {fb[k]}" for k in sorted(set(fa) & set(fb)) if fa[k] != fb[k]]
 
 
 def results(job: Job) -> tuple:
