@@ -222,3 +222,116 @@ def test_defaults(compose):
     assert (cfg.task.name, cfg.judge.name, cfg.data.name, cfg.model.name) == (
         "sst2", "exact", "synthetic", "tiny")
     assert cfg.paths.cache_dir is None  # → $VAA_CACHE_DIR, set per test by conftest
+
+
+# ---------------------------------------------------------------------------------------------
+# schemas are never options (issue 14, item 3)
+# ---------------------------------------------------------------------------------------------
+def test_schemas_are_not_options(compose):
+    from hydra.core.config_store import ConfigStore
+
+    for group, repo in ConfigStore.instance().repo.items():
+        if isinstance(repo, dict) and group in GROUPS:  # a schema stored inside a user group
+            assert not [n for n in repo if "schema" in n], (group, list(repo))
+    with pytest.raises(MissingConfigException) as e:
+        compose(["method=foo"])
+    listed = error_text(e.value).split("Available options in 'method':")[1].split("Config search")[0].split()
+    assert sorted(listed) == options("method"), listed  # methods only, no *_schema
+    for bad in ("vaa_schema", "method_schema", "_schema_method_vaa"):
+        with pytest.raises(MissingConfigException):
+            compose([f"method={bad}"])
+
+
+def test_help_is_the_projects_own(tmp_path):
+    r = run_cli(tmp_path, "--help")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "vaa: align a language model" in out and "Common overrides" in out and "Outputs:" in out
+    for group in REQUIRED_GROUPS - {"paths"}:
+        assert f"{group}: " in out, group
+    assert "method: " + ", ".join(options("method")) in out
+    assert "schema" not in out and "Powered by Hydra" not in out
+    assert not (tmp_path / "outputs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a method with a hyperparameter is one module + one YAML (issue 14, item 9)
+# ---------------------------------------------------------------------------------------------
+PLUGIN = '''
+from dataclasses import dataclass
+
+from vaa.config.methods import MethodConfig, method_schema
+from vaa.methods.base import TrainingMethod
+
+
+class ScaledSFT(TrainingMethod):
+    name = "scaled_sft_t"
+
+    def __init__(self, scale: float = 0.5, **hparams):
+        super().__init__(**hparams)
+        self.scale = scale
+
+    def training_step(self, module, batch):
+        loss = self.scale * module.lm_loss(batch)
+        module.manual_backward(loss)
+        return {"loss": loss.detach(), "grad_norm": self.apply_gradients(module)}
+
+
+@method_schema
+@dataclass
+class ScaledSFTConfig(MethodConfig):
+    _target_: str = "vaa.methods.scaled_sft_t.ScaledSFT"
+    name: str = "scaled_sft_t"
+    scale: float = 0.5
+
+    @staticmethod
+    def check(c):
+        c.positive("scale")
+'''
+PLUGIN_YAML = """defaults:
+  - /_schema_method_scaled_sft_t@_here_
+  - _self_
+scale: 0.5
+"""
+
+
+@pytest.fixture
+def plugin_method(tmp_path, monkeypatch):
+    """A new method file in a folder of the ``vaa.methods`` package (as a user adds one), and
+    its YAML in a config folder of its own (hydra.searchpath)."""
+    import vaa.methods
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "scaled_sft_t.py").write_text(PLUGIN)
+    (tmp_path / "conf" / "method").mkdir(parents=True)
+    (tmp_path / "conf" / "method" / "scaled_sft_t.yaml").write_text(PLUGIN_YAML)
+    monkeypatch.setattr(vaa.methods, "__path__", [*vaa.methods.__path__, str(tmp_path / "pkg")])
+    monkeypatch.delitem(sys.modules, "vaa.methods.scaled_sft_t", raising=False)
+    yield f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    sys.modules.pop("vaa.methods.scaled_sft_t", None)
+
+
+def test_a_method_with_a_hyperparameter_is_one_file_and_one_yaml(compose, plugin_method):
+    from hydra.utils import instantiate
+
+    from vaa.config.validate import find_problems, validate
+    from vaa.errors import ConfigError
+
+    cfg = compose(["experiment=smoke", plugin_method, "method=scaled_sft_t", "method.scale=0.25"])
+    assert cfg.method.scale == 0.25 and find_problems(cfg) == []
+    method = instantiate(cfg.method)
+    assert type(method).__name__ == "ScaledSFT" and method.scale == 0.25
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as e:  # typed
+        compose([plugin_method, "method=scaled_sft_t", "method.scale=abc"])
+    assert "method.scale" in error_text(e.value)
+    with pytest.raises(ConfigError, match="method.scale=-1"):  # its own range rule
+        validate(compose([plugin_method, "method=scaled_sft_t", "method.scale=-1"]))
+
+
+@pytest.mark.slow
+def test_a_new_method_runs_the_smoke_pipeline(compose, plugin_method, tmp_path):
+    from vaa.pipeline.run import run_pipeline
+
+    cfg = compose(["experiment=smoke", plugin_method, "method=scaled_sft_t", "method.scale=0.25"])
+    metrics = run_pipeline(cfg, tmp_path / "run")
+    assert metrics["method"] == "scaled_sft_t" and (tmp_path / "run" / "metrics.json").is_file()

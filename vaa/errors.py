@@ -41,5 +41,9 @@ class DataError(UserError, ValueError):
     """A data file or slice that cannot be used (missing, empty, wrong columns)."""
 
 
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the input names that is not there (the message says which key sets it)."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, UserError)

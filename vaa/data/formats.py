@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vaa.data import templates as T
+from vaa.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def _label(labels: tuple[str, ...], row: dict, path: str, i: int) -> str:
     if isinstance(y, str) and y.strip().isascii() and y.strip().isdigit():
         y = int(y)  # CSV cells are strings: "1" is the label 1
     if not isinstance(y, int) or isinstance(y, bool) or not 0 <= y < len(labels):
-        raise ValueError(f"{path}, row {i}: 'label' must be an int in 0..{len(labels) - 1}, got {y!r}")
+        raise DataError(f"{path}, row {i}: 'label' must be an int in 0..{len(labels) - 1}, got {y!r}")
     return labels[y]
 
 
@@ -86,12 +87,12 @@ def to_examples(rows: list[dict], fmt: str, path: str) -> list[Example]:
     """Validate the columns of every row and convert. Errors name the file, row and column."""
     f = get_format(fmt)
     if not rows:
-        raise ValueError(f"{path}: the file has no rows; a {fmt} file needs columns {list(f.columns)}")
+        raise DataError(f"{path}: the file has no rows; a {fmt} file needs columns {list(f.columns)}")
     out = []
     for i, row in enumerate(rows):
         missing = [c for c in f.columns if c not in row]
         if missing:
-            raise ValueError(f"{path}, row {i}: missing column(s) {missing}; a {fmt} file needs "
+            raise DataError(f"{path}, row {i}: missing column(s) {missing}; a {fmt} file needs "
                              f"columns {list(f.columns)} (found {sorted(row)})")
         out.append(f.convert(row, path, i) if f.needs_position else f.convert(row))
     return out

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from vaa.errors import DataError, MissingFile
 
 
 def read_rows(path: str | Path, start: int = 0, stop: int | None = None) -> list[dict]:
     """Rows of a data file, sliced [start:stop] (negative indices count from the end)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p} (check the data / task config paths)")
+        raise MissingFile(f"data file not found: {p} (check the data / task config paths)")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -22,11 +23,11 @@ def read_rows(path: str | Path, start: int = 0, stop: int | None = None) -> list
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}, line {i + 1}: not valid JSON ({e.msg})") from None
+                    raise DataError(f"{p}, line {i + 1}: not valid JSON ({e.msg})") from None
     elif suffix == ".json":
         rows = json.loads(p.read_text(encoding="utf-8") or "[]")
         if not isinstance(rows, list):
-            raise ValueError(f"{p}: expected a JSON list of objects, got {type(rows).__name__}")
+            raise DataError(f"{p}: expected a JSON list of objects, got {type(rows).__name__}")
     elif suffix == ".csv":
         with p.open(encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -35,10 +36,10 @@ def read_rows(path: str | Path, start: int = 0, stop: int | None = None) -> list
 
         rows = pd.read_parquet(p).to_dict("records")
     else:
-        raise ValueError(f"{p}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+        raise DataError(f"{p}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{p}, row {i}: expected an object with named columns, got {row!r:.60}")
+            raise DataError(f"{p}, row {i}: expected an object with named columns, got {row!r:.60}")
     if not rows:
-        raise ValueError(f"{p}: the file is empty; it needs at least one row")
+        raise DataError(f"{p}: the file is empty; it needs at least one row")
     return rows[start:stop]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vaa.data.formats import Example, to_examples
 from vaa.data.io import read_rows
+from vaa.errors import DataError, MissingFile
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 # Dataset folder -> row format (vaa.data.formats).
@@ -33,7 +34,7 @@ class FolderSource:
             from vaa.models.hub import MissingResource
 
             raise MissingResource(missing.read_text())
-        raise FileNotFoundError(
+        raise MissingFile(
             f"no file for dataset {dataset!r} split {split!r} under {self.root}: expected "
             f"{self.root / dataset / split}{{{','.join(EXTENSIONS)}}}")
 
@@ -42,7 +43,7 @@ class FolderSource:
         p = self.path(dataset, split)
         rows = read_rows(p, start, stop)
         if not rows:
-            raise ValueError(f"{p}: the slice [{start}:{stop}] selects no rows")
+            raise DataError(f"{p}: the slice [{start}:{stop}] selects no rows")
         return to_examples(rows, fmt or DATASET_FORMATS.get(dataset, dataset), str(p))
 
     def base_corpus(self) -> list[Example]:
@@ -52,7 +53,7 @@ class FolderSource:
             if any((self.root / d / f"base{e}").is_file() for e in EXTENSIONS):
                 out += self.examples(d, "base")
         if not out:
-            raise FileNotFoundError(f"no base corpus (*/base.jsonl) under {self.root}")
+            raise MissingFile(f"no base corpus (*/base.jsonl) under {self.root}")
         return out
 
 

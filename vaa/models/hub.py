@@ -17,11 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+from vaa.errors import MissingFile
+
 _TRUE = {"1", "true", "yes", "on"}
 PROBE_TIMEOUT_S = 3.0
 
 
-class MissingResource(FileNotFoundError):
+class MissingResource(MissingFile):
     """A model, dataset or file that is not available locally (and cannot be downloaded)."""
 
 
@@ -88,7 +90,7 @@ def model_dir(*, path: str | None, hub_name: str | None, revision: str | None,
     if not hub_reachable():
         raise MissingResource(
             f"{what} {hub_name!r} is not available locally and the Hugging Face hub cannot be "
-            f"reached (offline): copy it to this machine (e.g. `huggingface-cli download "
+            f"reached (offline): copy it to this machine (e.g. `hf download "
             f"{hub_name} --local-dir DIR` where there is network) and set {key}.path=DIR, or "
             f"point HF_HOME at a cache that holds it")
     local = Path(snapshot_download(hub_name, revision=revision, allow_patterns=MODEL_PATTERNS))
