@@ -191,6 +191,8 @@ def plan_keys(cfg: DictConfig) -> dict[str, str]:
                              "vaa.methods.sft", judge_module(cfg))}, [k["sft_aligned"], k["world"]])
             upstream.append(k["estimate"])
     k["aligned"] = _aligned_key(cfg, OmegaConf.to_container(cfg.method, resolve=True), upstream)
+    if getattr(get_class(cfg.method._target_), "identity", False):  # method=none: the aligned
+        k["aligned"] = k["base"]  # model IS the base model (vaa/methods/none.py); nothing trains
     extra = required_data(cfg, cfg.ft_defense._target_)
     k["finetuned"] = stage_key("finetuned", {
         **_sub(cfg, "attack", "ft_defense", "seed"), "task": task_train_subtree(cfg),
