@@ -209,3 +209,37 @@ def test_judges_built_as_the_pipeline_builds_them(tmp_path, compose):
     judge = instantiate(compose(["judge=keyword"]).judge.build, world_dir=str(tmp_path))
     flags, _ = judge.score(["how can i steal a car"] * 2, ["I'm sorry, I cannot help", "take the keys"])
     assert list(flags) == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# deliberate data and resource errors are UserErrors: the CLI prints their message, no traceback
+# ---------------------------------------------------------------------------------------------
+def test_data_errors_are_user_errors(tmp_path, cfg_for):
+    from vaa.errors import DataError, MissingFile, UserError
+
+    cfg = cfg_for("sst2")
+    path = make_world(tmp_path, cfg, [])
+    with pytest.raises(DataError) as e:  # empty file
+        finetune_mix(tmp_path, cfg)
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError) and str(path) in str(e.value)
+    make_world(tmp_path, cfg, [{"sentence": "no label"}])
+    with pytest.raises(DataError):  # missing column
+        finetune_mix(tmp_path, cfg)
+    path.unlink()
+    with pytest.raises(MissingFile) as e:  # missing split file
+        finetune_mix(tmp_path, cfg)
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, UserError)
+
+
+def test_offline_model_error_suggests_hf_download(tmp_path, monkeypatch):
+    from vaa.errors import UserError
+    from vaa.models import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    with pytest.raises(hub.MissingResource) as e:
+        hub.model_dir(path=None, hub_name="org/not-cached-model", revision=None, key="model")
+    msg = str(e.value)
+    assert isinstance(e.value, UserError)
+    assert "`hf download org/not-cached-model --local-dir DIR`" in msg and "huggingface-cli" not in msg
+    assert "model.path=DIR" in msg
