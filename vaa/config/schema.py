@@ -99,6 +99,10 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     pad_token: str = "add"  # a tokenizer without PAD: add <pad> (mean-initialised row) | eos
+    # A GGUF file (vaa.models.gguf): de-quantised once by the base stage; found in `path` (a
+    # folder), else in the folder of the installed package `gguf_package`, else as a path.
+    gguf_file: Optional[str] = None
+    gguf_package: Optional[str] = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from vaa.models.hub import MissingResource, has_weights, model_dir
+from vaa.models.gguf import GGUF_WEIGHTS, convert_gguf, file_sha256, gguf_path
 
 LINEAGE = "lineage.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,7 +40,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def is_hf_model(model_cfg) -> bool:
     """A pretrained model (hub name or local path) instead of the tiny model built from ``arch``
     (a config without ``arch`` is a real model whose source is still to be set)."""
-    return bool(model_cfg.get("hub_name") or model_cfg.get("path") or model_cfg.get("arch") is None)
+    return bool(model_cfg.get("hub_name") or model_cfg.get("path") or model_cfg.get("gguf_file")
+                or model_cfg.get("arch") is None)
 
 
 def resolve_dtype(model_cfg, precision: str | None) -> str:
@@ -97,14 +99,22 @@ def _from_pretrained(src: Path, dtype: str, attn: str | None):
 
 
 def write_base(model_cfg, out: Path, dtype: str) -> None:
-    """The base stage of a real model: where the weights are, and the (PAD-fixed) tokenizer."""
-    src = model_dir(path=model_cfg.get("path"), hub_name=model_cfg.get("hub_name"),
-                    revision=model_cfg.get("revision"), key="model")
+    """The base stage of a real model: where the weights are, and the (PAD-fixed) tokenizer.
+    A GGUF source (``model.gguf_file``, vaa.models.gguf) is de-quantised once into
+    ``out/weights`` (safetensors), which the pointer then names relative to the artifact."""
+    gguf = gguf_path(model_cfg)
+    if gguf is not None:
+        src = out / GGUF_WEIGHTS
+        convert_gguf(gguf, src, DTYPES[dtype])
+    else:
+        src = model_dir(path=model_cfg.get("path"), hub_name=model_cfg.get("hub_name"),
+                        revision=model_cfg.get("revision"), key="model")
     if not has_weights(src):
         raise MissingResource(f"model weights missing in {src} (no *.safetensors / *.bin); set "
                               f"model.path to a complete save_pretrained directory")
     load_tokenizer(src, model_cfg.pad_token).save_pretrained(out)
-    base = {"dir": str(src.resolve()), "hub_name": model_cfg.get("hub_name"),
+    base = {"dir": GGUF_WEIGHTS if gguf is not None else str(src.resolve()),
+            "hub_name": model_cfg.get("hub_name"),
             "revision": model_cfg.get("revision"), "dtype": dtype,
             "attn_implementation": model_cfg.attn_implementation}
     (out / LINEAGE).write_text(json.dumps({"base": base, "adapters": []}, indent=1))
@@ -126,6 +136,9 @@ def load_lineage(path: Path, dtype: str | None = None, attach_last: bool = False
     info = json.loads((path / LINEAGE).read_text())
     base = info["base"]
     src = Path(base["dir"])
+    if not src.is_absolute():  # weights inside the artifact (a converted GGUF): absolute from
+        src = (path / src).resolve()  # here on, so adapters trained on it point back to them
+        base = {**base, "dir": str(src)}
     if not (src / "config.json").is_file():
         src = model_dir(path=None, hub_name=base.get("hub_name"), revision=base.get("revision"),
                         key="model")
@@ -228,8 +241,12 @@ def hashed_model_config(model: dict) -> dict:
 
     defaults = {"hub_name": None, "revision": None, "dtype": None,
                 "attn_implementation": ModelConfig.attn_implementation,
-                "gradient_checkpointing": False, "pad_token": ModelConfig.pad_token}
+                "gradient_checkpointing": False, "pad_token": ModelConfig.pad_token,
+                "gguf_file": None, "gguf_package": None}
     out = {k: v for k, v in model.items() if k not in defaults or v != defaults[k]}
+    gguf = gguf_path(model) if model.get("gguf_file") else None
+    if gguf is not None:  # the file's content, not its name (vaa.models.gguf: hashed once)
+        out["gguf_sha256"] = file_sha256(gguf)
     lora = out.pop("lora", None)
     if lora and lora.get("enabled", LoraSettings.enabled):
         out["lora"] = lora
