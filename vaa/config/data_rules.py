@@ -25,6 +25,7 @@ WORLD_TABLES = {("beavertails", "align"): "align", ("beavertails", "harmful"): "
 for _d, _train, _test in (("sst2", "train", "validation"), ("ag_news", "train", "test"),
                           ("gsm8k", "train", "test")):
     WORLD_TABLES[(_d, _train)], WORLD_TABLES[(_d, _test)] = "task_train", "task_test"
+WORLD_TABLES[("alpaca", "train")] = "task_train"  # VAA stage 1's proxy rows (vaa/world/tasks.py)
 # the chosen task's folder -> its tables (real data); alpaca_eval has one table
 TASK_FOLDER_TABLES = {f: tables[:2] for f, tables in TASK_TABLES.items()} | {"alpaca_eval": ("alpaca_eval",)}
 WORLD_COUNTS = ("base_harmful", "base_benign", "base_task", "align", "harmful_pool", "proxy_pool",
