@@ -459,8 +459,8 @@ def test_panacea_step_is_g_f_minus_lambda_times_the_harmful_gradient_change():
                              optimizers=lambda: opt, lr_schedulers=lambda: None,
                              recipe=SimpleNamespace(grad_clip=0.0), global_step=0,
                              device=torch.device("cpu"), manual_backward=lambda loss: loss.backward())
-    step = PanaceaStep([guide], lam=lam, rho=rho, clamp=100.0)
-    step.setup(module, None)
+    step = PanaceaStep(lam=lam, rho=rho, clamp=100.0)
+    step.setup(module, SimpleNamespace(streams={"harmful": SimpleNamespace(next_batch=lambda g: guide)}))
     before = [p.detach().clone() for p in model.parameters()]
     step.training_step(module, user)
     for b, p, g in zip(before, model.parameters(), want):
@@ -480,7 +480,8 @@ def test_panacea_releases_the_model_training_returned_plus_eps_on_its_device():
     base = tiny_llama(0)
     trained = {}
 
-    def train(module_cls, model, tok, rows, recipe, step, stage, seed):
+    def train(module_cls, model, tok, rows, recipe, step, stage, seed, extra=None):
+        assert extra == {"harmful": [1]}  # the guide rows reach the datamodule's stream
         other = copy.deepcopy(model).double()  # another object, another dtype
         step.eps = [torch.full_like(p, 0.5, dtype=torch.float32) for p in trainable_params(other)]
         trained["before"] = [p.detach().clone() for p in other.parameters()]

@@ -32,27 +32,23 @@ from vaa.training.module import FinetuneModule
 
 
 class PanaceaStep(TrainingMethod):
-    """The fine-tuning step: three passes (user, harmful, harmful at w + ε)."""
+    """The fine-tuning step: three passes (user, harmful, harmful at w + ε). The harmful guide
+    batches come from the datamodule's ``harmful`` stream (endless, seeded, per rank,
+    checkpointed with the run), like Booster's: nothing tensor-valued lives in the method, so
+    it pickles to ``ddp_spawn`` ranks."""
 
     name = "panacea"
     passes_per_step = 3
+    requires = ("harmful",)
 
-    def __init__(self, guide_batches: list[dict], lam: float, rho: float, clamp: float, seed: int = 0):
-        super().__init__(lam=lam, rho=rho, clamp=clamp)
-        if not guide_batches:
-            raise ValueError("panacea: the harmful guide set is empty")
-        self.guide, self.lam, self.rho, self.clamp = guide_batches, lam, rho, clamp
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
+    def __init__(self, lam: float, rho: float, clamp: float, **hparams):
+        super().__init__(lam=lam, rho=rho, clamp=clamp, **hparams)
+        self.lam, self.rho, self.clamp = lam, rho, clamp
         self.eps: list[torch.Tensor] | None = None
-
-    def next_guide(self) -> dict:
-        if not self.order:
-            self.order = torch.randperm(len(self.guide), generator=self.gen).tolist()
-        return self.guide[self.order.pop()]
 
     def setup(self, module, datamodule) -> None:
         self.params = trainable_params(module.model)  # with LoRA: the adapters
+        self.guide = datamodule.streams["harmful"]
 
     def take_grads(self) -> list[torch.Tensor]:
         """The current ``.grad`` of every parameter, handed over (``.grad`` is None after)."""
@@ -65,7 +61,7 @@ class PanaceaStep(TrainingMethod):
     def training_step(self, module, batch):
         # Every pass goes through manual_backward (DDP's all-reduce, the precision plugin),
         # as in every other method; the guide batch on the module's device.
-        hb = {k: v.to(module.device) for k, v in self.next_guide().items()}
+        hb = {k: v.to(module.device) for k, v in self.guide.next_batch(0).items()}
         f = module.lm_loss(batch)
         module.manual_backward(f)
         g_f = self.take_grads()
@@ -102,12 +98,15 @@ class Panacea(Restorer):
             raise RuntimeError("panacea owns a fine-tuning loop: RestoreInputs.train must be given")
         hp = self.hp
         model = inputs.load("aligned")  # Panacea replaces the attack's run, from the same start
-        guide = inputs.batches(inputs.harmful(hp), inputs.cfg.attack.batch_size)
-        step = PanaceaStep(guide, hp.lam, hp.rho, hp.clamp, seed=hp.seed)
+        guide = inputs.harmful(hp)
+        if not guide:
+            raise ValueError("panacea: the harmful guide set is empty (restore.n_harmful, "
+                             "restore.harmful_split)")
+        step = PanaceaStep(hp.lam, hp.rho, hp.clamp)
         rows = inputs.hft()
         # train returns the model it trained: with LoRA the PeftModel (its adapters hold ε)
         model = inputs.train(FinetuneModule, model, inputs.tokenizer, rows, inputs.cfg.attack,
-                             step, "restored", inputs.seed)
+                             step, "restored", inputs.seed, extra={"harmful": guide})
         with torch.no_grad():  # release w + ε; Lightning may have moved the model back to the CPU
             for p, e in zip(trainable_params(model), step.eps or []):
                 p.add_(e.to(device=p.device, dtype=p.dtype))
