@@ -20,5 +20,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    # lightning 2.6 builds torch's deprecated LeafSpec on every step's outputs (torch ≥ 2.10)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     # VAA's loader yields step placeholders from a sized IterableDataset, on purpose
     warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")

@@ -17,25 +17,44 @@ from vaa.pipeline import stages as S
 from vaa.pipeline.cache import ArtifactCache, resolve_cache_dir
 from vaa.pipeline.estimate import build_estimate
 from vaa.pipeline.keys import SFT_METHOD, plan_keys
+from vaa.pipeline.memory import PeakMemory
+from vaa.pipeline.threads import job_threads
+from vaa.training import progress
 from vaa.utils import quiet_libraries
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """One job. Its compute threads follow pipeline/threads.py (re-checked at each stage's
+    start); progress lines/bars follow the trainer config (training/progress.py); each
+    stage's peak memory goes into metrics.json's ``timing`` (pipeline/memory.py)."""
     quiet_libraries()
+    progress.configure(cfg.trainer)
+    with job_threads(cfg.trainer) as recheck_threads:
+        return _run(cfg, run_dir, recheck_threads)
+
+
+def _run(cfg: DictConfig, run_dir: str | Path, recheck_threads) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = ArtifactCache(resolve_cache_dir(cfg.paths.cache_dir))
     ctx = S.Context(cfg=cfg, cache=cache, keys=plan_keys(cfg), run_dir=run_dir)
     timing: dict[str, float] = {}
     cached: dict[str, bool] = {}
+    peaks: dict[str, dict[str, float]] = {"peak_rss_mb": {}, "peak_gpu_mb": {}}
     provenance = {"overrides": run_overrides(run_dir), "run_dir": str(run_dir.resolve())}  # vaa-cache ls
 
     def stage(name: str, build) -> None:
+        recheck_threads()
         t0 = time.perf_counter()
+        mem = PeakMemory().start()
         path, built = cache.get_or_create(ctx.keys[name], build, description=name, provenance=provenance)
         ctx.dirs[name] = path
+        mem.stop()
+        for k, v in (("peak_rss_mb", mem.rss_mb), ("peak_gpu_mb", mem.gpu_mb)):
+            if v is not None:
+                peaks[k][name] = v
         timing[name] = round(time.perf_counter() - t0, 3)
         cached[name] = not built
         log.info("%s: %s (%s, %.1fs)", name, path, "built" if built else "cached", timing[name])
@@ -74,7 +93,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
         "ft_defense": cfg.ft_defense.name,  # vaa-report labels rows method+ft_defense+restore
         "stages": {**results, "restored": results.get("restored")},
         "harmful_score": final["harmful_score"], "finetune_accuracy": final["finetune_accuracy"],
-        "timing": timing, "cache_keys": ctx.keys, "groups": groups,
+        "timing": {**timing, **{k: v for k, v in peaks.items() if v}}, "cache_keys": ctx.keys, "groups": groups,
         "cached": cached,  # per stage: served by the cache (True) or built by this job
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

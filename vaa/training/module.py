@@ -51,6 +51,7 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logs = self.method.training_step(self, batch)
         self.last_logs = logs  # the progress line/bar reads the latest loss (training/progress.py)
+        self.last_logs = logs  # the progress line/bar reads the latest loss (training/progress.py)
         # Lightning writes step metrics every log_every_n_steps anyway; calling log_dict only
         # then halves the loop overhead (benchmarks.loop_overhead --explain: 2.0 → 1.0 ms/step).
         every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
