@@ -94,6 +94,46 @@ def test_gsm8k_extract(text, num):
     assert GSM8KScorer.extract_number(text) == num
 
 
+# Numbers as models write them (issue 15, item 2): separators, signs, decimals, currency, LaTeX.
+@pytest.mark.parametrize("text,num", [
+    ("The answer is $9{,}500.", 9500.0),            # LaTeX thousands separator (was 500)
+    ("The final answer is: $9{,}500", 9500.0),
+    ("so \\$1{,}234{,}567 in total", 1234567.0),
+    ("it costs 9\\,500 dollars", 9500.0),           # LaTeX thin space
+    ("it costs 9\u202f500 dollars", 9500.0),         # narrow no-break space
+    ("it costs 9\u00a0500 dollars", 9500.0),         # no-break space
+    ("1,234", 1234.0),
+    ("1,234,567 people", 1234567.0),
+    ("$1,000.00", 1000.0),
+    ("The final answer is: $1,000.00.", 1000.0),
+    ("total: 1,234.5", 1234.5),
+    ("2.50", 2.5),
+    ("The final answer is: 0.75", 0.75),
+    ("about .5 of it", 0.5),
+    ("-3", -3.0),
+    ("The final answer is: -$5", -5.0),
+    ("The final answer is: \u22123", -3.0),           # Unicode minus
+    ("The final answer is: -1,200", -1200.0),
+    ("50%", 50.0),
+    ("3,4", 4.0),                                     # a list, not 34
+    ("the numbers 1, 2, 3", 3.0),
+    ("1,2345", 2345.0),                                # not a thousands group
+    ("1 234", 234.0),                                  # ASCII space: two numbers (documented)
+    ("The final answer is: 1,234 apples, 5 pears", 1234.0),
+    ("#### 18,000", 18000.0),
+    ("10 - 4 = 6.", 6.0),
+])
+def test_gsm8k_reads_numbers_as_models_write_them(text, num):
+    assert GSM8KScorer.extract_number(text) == num
+
+
+def test_gsm8k_scores_separated_and_plain_forms_alike():
+    s = GSM8KScorer()
+    for pred in ("The answer is $9{,}500.", "The final answer is: 9,500", "9500", "9\u202f500.00"):
+        assert s(pred, "#### 9500"), pred
+    assert not s("The answer is $9{,}500.", "#### 500")
+
+
 def test_gsm8k_minus_not_glued_to_digit():
     assert GSM8KScorer.extract_number("10-4") == 4.0
 

@@ -81,13 +81,25 @@ def agnews_scorer(match: str = "first_label") -> LabelScorer:
     )
 
 
-# A minus sign counts only when not glued to a preceding digit ("5-3" -> 5, 3). A trailing period
-# is not part of a number because a decimal part needs digits after the dot.
-_NUMBER = re.compile(r"(?:(?<!\d)-)?\d+(?:\.\d+)?")
+# A number as models write one: an optional minus sign (not glued to a preceding digit: "5-3" is
+# 5 and 3), an integer part that is either plain digits or 1-3 digits followed by comma-grouped
+# thousands ("1,234,567"; a comma not followed by exactly three digits separates two numbers:
+# "3,4" is 3 and 4), an optional decimal part ("2.50"); or a bare decimal part (".5"). A
+# trailing period is not part of a number (a decimal part needs digits after the dot). A "$"
+# between the sign and the digits is skipped ("-$5" is -5).
+_NUMBER = re.compile(r"(?:(?<!\d)-)?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
+# Thousands separators other than the comma, rewritten to a comma first: LaTeX "9{,}500" and
+# "9\,500", and no-break / thin spaces (U+00A0, U+2009, U+202F). A plain ASCII space is NOT a
+# separator ("1 234" is 1 and 234): in running text it separates two numbers far more often.
+_OTHER_SEPARATOR = re.compile(r"(?<=\d)(?:\{,\}|\\,|[\u00a0\u2009\u202f])(?=\d{3}(?!\d))")
 # Tolerate arbitrary whitespace, including " :" from tokenizers that decode with spaces around
 # punctuation ("the final answer is : 42").
 _FINAL_ANSWER = re.compile(r"the\s+final\s+answer\s+is\s*:", re.IGNORECASE)
 _GSM8K_MARK = re.compile(r"####")
+
+
+def _to_float(number: str) -> float:
+    return float(number.replace(",", "").replace("$", ""))
 
 
 class GSM8KScorer:
@@ -98,16 +110,21 @@ class GSM8KScorer:
 
     @staticmethod
     def extract_number(text: str) -> float | None:
-        text = text.replace(",", "")
+        """The first number after "The final answer is:" (or "####"), else the last number, read
+        as models write numbers (``_NUMBER``): "$1,000.00" → 1000.0, "9{,}500" → 9500.0, "−3"
+        (Unicode minus) → -3.0. Departure from protocol.md §6 ("remove commas"): commas are
+        removed only inside a number's thousands groups; deleting every comma first turned
+        "$9{,}500" into 500 and the list "3,4" into 34."""
+        text = _OTHER_SEPARATOR.sub(",", text.replace("\u2212", "-"))
         for marker in (_FINAL_ANSWER, _GSM8K_MARK):
             m = marker.search(text)
             if m is not None:
                 num = _NUMBER.search(text, m.end())
                 if num is not None:
-                    return float(num.group(0))
+                    return _to_float(num.group(0))
         # No marker (or no number after it): the last number in the text.
         nums = _NUMBER.findall(text)
-        return float(nums[-1]) if nums else None
+        return _to_float(nums[-1]) if nums else None
 
     def __call__(self, prediction: str, gold: str) -> bool:
         a, b = self.extract_number(prediction), self.extract_number(gold)
