@@ -25,7 +25,7 @@ ALL_TABLES = {
     "sst2/base.jsonl", "sst2/train.jsonl", "sst2/validation.jsonl",
     "ag_news/base.jsonl", "ag_news/train.jsonl", "ag_news/test.jsonl",
     "gsm8k/base.jsonl", "gsm8k/train.jsonl", "gsm8k/test.jsonl",
-    "alpaca_eval/base.jsonl", "alpaca_eval/eval.jsonl",
+    "alpaca_eval/base.jsonl", "alpaca_eval/eval.jsonl", "alpaca/train.jsonl",  # VAA stage 1 proxy
 }
 
 
@@ -195,7 +195,8 @@ def test_sizes_match_worldsizes():
     want = {"beavertails/base.jsonl": 78, "beavertails/align.jsonl": 50, "meta/align.jsonl": 50,
             "beavertails/harmful.jsonl": 17, "beavertails/proxy_harmful.jsonl": 19,
             "beavertails/align_harmful.jsonl": 7,
-            "beavertails/test.jsonl": 13, "alpaca_eval/base.jsonl": 23, "alpaca_eval/eval.jsonl": 40}
+            "beavertails/test.jsonl": 13, "alpaca_eval/base.jsonl": 23, "alpaca_eval/eval.jsonl": 40,
+            "alpaca/train.jsonl": 29}  # the stage-1 proxy: task_train rows
     for d, (train, test) in {"sst2": ("train", "validation"), "ag_news": ("train", "test"),
                              "gsm8k": ("train", "test")}.items():
         want |= {f"{d}/base.jsonl": 23, f"{d}/{train}.jsonl": 29, f"{d}/{test}.jsonl": 11}

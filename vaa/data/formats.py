@@ -60,6 +60,11 @@ def _alpaca_eval(row: dict) -> Example:
     return Example(T.BEAVERTAILS_INSTRUCTION, row["instruction"], row["output"])
 
 
+def _alpaca(row: dict) -> Example:
+    # tatsu-lab/alpaca (VAA stage 1's proxy, protocol.md §2): its own instruction and input
+    return Example(row["instruction"], row.get("input") or "", row["output"])
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -74,6 +79,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("ag_news", ("text", "label"), _agnews, needs_position=True),
     Format("gsm8k", ("question", "answer"), _gsm8k),
     Format("alpaca_eval", ("instruction", "output"), _alpaca_eval),
+    Format("alpaca", ("instruction", "output"), _alpaca),
 ]}
 
 

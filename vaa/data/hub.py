@@ -27,6 +27,7 @@ from pathlib import Path
 from vaa.data.beavertails import assert_disjoint as _assert_disjoint
 from vaa.data.beavertails import beavertails_slices as _beavertails_slices
 from vaa.data.beavertails import with_uids as _uid
+from vaa.data.content import content_key, keys_of
 from vaa.data.io import read_rows
 from vaa.models.hub import MissingResource, hub_reachable
 
@@ -38,7 +39,7 @@ TASK_TABLES = {"sst2": ("sst2_train", "sst2_validation", "validation"),
 DATA_CODE = ("hub.py", "beavertails.py", "content.py", "../eval/judges.py")  # digested into the data stage's key
 LOCAL_TABLES = ("beavertails_train", "beavertails_test", "refusals", "sst2_train",
                 "sst2_validation", "ag_news_train", "ag_news_test", "gsm8k_train", "gsm8k_test",
-                "alpaca_eval")
+                "alpaca_eval", "alpaca")
 
 
 def is_real_data(data_cfg) -> bool:
@@ -130,6 +131,24 @@ def alpaca_split(d) -> dict[str, list[dict]]:
     return {"eval": _uid(rows, src)}
 
 
+def alpaca_proxy(d, content: dict) -> dict[str, list[dict]]:
+    """VAA stage 1's proxy instructions (``alpaca/train``, protocol.md §2: tatsu-lab/alpaca),
+    without the rows whose instruction (alone, or with its input) is an AlpacaEval instruction:
+    AlpacaEval is an attack's and the FA test's data. The count goes into ``content``."""
+    rows, src = read_table(d, "alpaca")
+    try:
+        reserved = keys_of(str(r["instruction"]) for r in read_table(d, "alpaca_eval")[0])
+    except MissingResource:
+        reserved = set()  # no AlpacaEval table: no attack or test reads it
+
+    def shared(r: dict) -> bool:
+        text = str(r.get("instruction", ""))
+        return bool({content_key(text), content_key(f"{text}\n{r.get('input') or ''}")} & reserved)
+    kept = [r for r in _uid(rows, src) if not shared(r)]
+    content["proxy"] = {"table": "alpaca", "rows": len(kept), "dropped_as_alpaca_eval": len(rows) - len(kept)}
+    return {"train": kept}
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -145,7 +164,7 @@ def build_real_data(d, out: Path) -> None:
         _write(out / "beavertails" / f"{split}.jsonl", rows)
         written[f"beavertails/{split}"] = len(rows)
     builders = {**{f: (lambda f=f: task_splits(d, f)) for f in TASK_TABLES},
-                "alpaca_eval": lambda: alpaca_split(d)}
+                "alpaca_eval": lambda: alpaca_split(d), "alpaca": lambda: alpaca_proxy(d, content)}
     for folder, build in builders.items():
         try:
             splits = build()

@@ -21,7 +21,10 @@ from vaa.analysis.forgetting import write_analysis
 from vaa.data.datamodule import hft_mix
 from vaa.data.groups import assign_groups, forgot_num
 from vaa.data.groups_file import write_groups
+from vaa.data.io import read_rows
+from vaa.data.proxy_check import assert_proxies_disjoint
 from vaa.models.build import load_model
+from vaa.models.hub import MissingResource
 from vaa.pipeline.keys import ESTIMATE_TRAINER
 from vaa.training.module import FinetuneModule
 from vaa.training.probe import JudgeProbe
@@ -31,10 +34,19 @@ def judge_flags(judge, prompts, answers) -> list[bool]:
     return judge.score(prompts, answers)[0]
 
 
+def table_rows(source, dataset: str, split: str) -> int | None:
+    """Rows of one table of the data folder (None: the folder has no such table)."""
+    try:
+        return len(read_rows(source.path(dataset, split)))
+    except (FileNotFoundError, MissingResource):
+        return None
+
+
 def build_estimate(ctx, out: Path) -> None:
     from vaa.pipeline.stages import train  # the one training routine every stage uses
 
     cfg, est = ctx.cfg, ctx.cfg.dro.estimate
+    assert_proxies_disjoint(cfg, partial(table_rows, ctx.source))  # never the attack's own rows
     align = ctx.source.examples("beavertails", "align", 0, cfg.align.n)
     judge = instantiate(cfg.judge.build, world_dir=str(ctx.dirs["world"]))
     harmful = ctx.source.examples("beavertails", "proxy_harmful")

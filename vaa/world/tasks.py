@@ -101,7 +101,9 @@ def alpaca_row(r: random.Random, families, phrasings: slice) -> dict:
 def build_alpaca(sz, rng_for) -> Rows:
     """Base corpus: core families, training phrasings. Task file: train rows first (all
     families, training phrasings), then test rows (held-out phrasing); the task config
-    takes the first ``task_train`` rows for training and the last ``task_test`` for test."""
+    takes the first ``task_train`` rows for training and the last ``task_test`` for test.
+    ``alpaca/train``: ``task_train`` more rows like the train rows (own random stream), the
+    stage-1 proxy's instructions, disjoint from every attack's rows."""
     core, every = list(L.ALPACA_CORE), list(L.ALPACA_CORE + L.ALPACA_DOMAIN)
     rb, rt = rng_for(sz.seed, "alpaca-base"), rng_for(sz.seed, "alpaca-task")
 
@@ -110,7 +112,11 @@ def build_alpaca(sz, rng_for) -> Rows:
     base = [alpaca_row(rb, core, slice(0, 2)) for _ in range(sz.base_task)]
     train = [alpaca_row(rt, fams(rt), slice(0, 2)) for _ in range(sz.task_train)]
     test = [alpaca_row(rt, fams(rt), slice(2, 3)) for _ in range(sz.task_test)]
-    return {"alpaca_eval/base.jsonl": base, "alpaca_eval/eval.jsonl": train + test}
+    # VAA stage 1's proxy (the paper's Alpaca): rows of the same kind that no attack trains on
+    rp = rng_for(sz.seed, "alpaca-proxy")
+    proxy = [alpaca_row(rp, fams(rp), slice(0, 2)) for _ in range(sz.task_train)]
+    return {"alpaca_eval/base.jsonl": base, "alpaca_eval/eval.jsonl": train + test,
+            "alpaca/train.jsonl": proxy}
 
 
 TASK_BUILDERS: dict[str, Callable[..., Rows]] = {
