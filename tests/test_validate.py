@@ -54,6 +54,8 @@ BAD = [
     ("data", ["data=real_files", "data.root=/nonexistent/real", "judge=keyword"], "data.root"),
     ("data", ["data=real_files", "judge=keyword"], "data.root"),
     ("data", [*RF, "data.hs_rows.stop=-1"], "data.hs_rows.stop"),
+    ("data", [*RF, "task=alpacaeval"], "attack.n"),  # 683 AlpacaEval train rows < 900
+    ("data", [*RF, "attack.harmful_ratio=0.5"], "attack.harmful_ratio"),  # data.harmful_rows: 100
     ("dro", ["dro.sampler.eta=-1"], "dro.sampler.eta"),
     ("dro", ["dro.lambda_max=1.5"], "dro.lambda_max"),
     ("dro", ["dro.sampler.clip=[0.9,0.1]"], "dro.sampler.clip"),

@@ -28,6 +28,9 @@ for _d, _train, _test in (("sst2", "train", "validation"), ("ag_news", "train", 
 WORLD_TABLES[("alpaca", "train")] = "task_train"  # VAA stage 1's proxy rows (vaa/world/tasks.py)
 # the chosen task's folder -> its tables (real data); alpaca_eval has one table
 TASK_FOLDER_TABLES = {f: tables[:2] for f, tables in TASK_TABLES.items()} | {"alpaca_eval": ("alpaca_eval",)}
+# real data: beavertails/<split> -> the data.* slice that selects it (vaa.data.hub.beavertails_slices)
+REAL_SLICES = {"align": "align_rows", "harmful": "harmful_rows", "proxy_harmful": "proxy_rows",
+               "align_harmful": "align_harmful_rows", "test": "hs_rows", "base": "base_rows"}
 WORLD_COUNTS = ("base_harmful", "base_benign", "base_task", "align", "harmful_pool", "proxy_pool",
                 "align_harmful_pool", "hs_test", "task_train", "task_test")
 WORLD_FRACTIONS = ("align_benign_frac", "borrowed_verb_frac", "domain_frac", "negation_frac",
@@ -78,9 +81,43 @@ class DataRules:
 
     def rows(self, dataset: str, split: str, start: int = 0, stop: Optional[int] = None) -> Optional[int]:
         if self.real:
-            return None
+            n = self.real_rows(dataset, split)
+            return None if n is None else sliced(n, start, stop)
         n = world_rows(self.cfg.data, dataset, split)
         return None if n is None or not isinstance(n, int) else sliced(n, start, stop)
+
+    def real_rows(self, dataset: str, split: str) -> Optional[int]:
+        """Rows of a real-data split, where cheap to know: a BeaverTails slice with both bounds
+        (an upper bound: data.<slice>), a task's train split from its local JSON Lines table
+        (non-blank lines, less data.train_tail, at most data.task_rows). None: unknown."""
+        d = self.cfg.data
+        if dataset == "beavertails":
+            key = REAL_SLICES.get(split)
+            sl = d.get(key) if key else None
+            if sl is None or not isinstance(sl.start, int) or not isinstance(sl.stop, int) or sl.start < 0:
+                return None
+            return max(0, sl.stop - sl.start)
+        if dataset in TASK_TABLES and split == "train":
+            n = self.table_lines(TASK_TABLES[dataset][0])
+            if n is not None and d.get("fa_test") == "train_tail":
+                n = max(0, n - d.train_tail)
+            if n is not None and d.get("task_rows") is not None:
+                n = min(n, d.task_rows)
+            return n
+        if (dataset, split) == ("alpaca_eval", "eval"):
+            return self.table_lines("alpaca_eval")
+        return None
+
+    def table_lines(self, name: str) -> Optional[int]:
+        t, root = self.cfg.data.get(name), self.cfg.data.root
+        if t is None or not t.path or not str(t.path).endswith(".jsonl"):
+            return None
+        p = Path(str(t.path)).expanduser()
+        p = p if p.is_absolute() or root is None else Path(str(root)).expanduser() / p
+        if not p.is_file() or p.stat().st_size > 256 << 20:
+            return None
+        with p.open(encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
 
     def check_world(self) -> None:
         if self.real:
