@@ -18,8 +18,8 @@ one (CUDA: synchronised first): a step is everything from one step's start to th
 data fetching and collation count alike whether the loader (SFT) or the method (VAA draws its
 group batch inside the step) does it. Per run the mean step (VAA's steps are bimodal, one or
 two passes: a median step would pick one mode), across the ``--reps`` interleaved repetitions
-(for rep: for method: run) the median: ``step_ms``; ``ratio_vs_sft`` = that ÷ SFT's.
-``run_ratios``: per repetition, the method's mean step ÷ SFT's in the same repetition.
+the median: ``step_ms``. ``run_ratios``: per repetition, the method's mean step ÷ SFT's in
+the same repetition; ``ratio_vs_sft`` their median (below).
 
 Passes: ``passes`` is the method's declared ``passes_per_step`` (expected forward/backward
 passes per step; VAA: 1 + mean λ under bernoulli mixing); ``realised_passes`` is
@@ -35,7 +35,24 @@ own parameters and the data. On CUDA also ``peak_mem_mb`` = ``torch.cuda.max_mem
 per run (reset before each; median over reps). On a CPU ``peak_rss_mb`` is the process's peak
 resident set (``getrusage``), a coarse figure for the whole benchmark.
 
+Repetitions: in each one every method runs once, in an order rotated by one per repetition
+(no method always runs first or last), and a 2048² fp32 GEMM measures the machine's matmul
+rate now (``matmul_gflops``: [median, min, max] over the repetitions). ``ratio_vs_sft`` is the
+median over repetitions of the method's mean step ÷ SFT's in the same repetition (paired, so a
+drift of the machine's speed between repetitions cancels), ``ratio_range`` their [min, max].
+
+A real model (``--model smollm2_135m``, a ``save_pretrained`` folder or a ``.gguf`` file;
+benchmarks/real_model.py): full fine-tuning of every parameter in fp32, rows of exactly
+``--seq-len`` tokens (world rows whose output is extended by the next rows' outputs, the
+``alpaca`` template), so a step is ``batch × seq_len`` tokens. Then also
+``sft_peak_fraction``: SFT's FLOP per second ÷ the GEMM rate of the same repetition, as
+[median, min, max], with FLOP = 6 × parameters × tokens (``flop_6pt``), and
+``sft_peak_fraction_matmul`` with the matrix work the step really does (``flop_matmul``:
+the output head only on response tokens, plus attention).
+
     python -m benchmarks.step_cost --threads 1   # hidden 256, 4 layers, batch 8, 40 steps, 3 reps
+    python -m benchmarks.step_cost --model smollm2_135m --methods vaa,booster,vaccine \
+        --steps 4 --warmup 1 --reps 3              # the real model: batch 8 x 128 tokens
     python -m benchmarks.step_cost --quick       # smoke run, seconds
 """
 
@@ -43,8 +60,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -53,8 +70,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (base_parser, emit, interleaved, make_world, median, run_main,
-                               size_options, tiny_model, world_tokenizer)
+from benchmarks.common import (base_parser, emit, make_world, median, run_main, size_options,
+                               tiny_model, world_tokenizer)
+from benchmarks.method_memory import peak_rss_mb, persistent_state_bytes
+from benchmarks.real_model import (load_real_model, long_examples, matmul_gflops, median_range,
+                                   step_flop)
 
 NAME = "step_cost"
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +89,18 @@ def defenses(conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(p.stem for p in (conf_dir / "ft_defense").glob("*.yaml") if p.stem != "none")
 
 
+def trains(method_yaml: Path) -> bool:
+    """False for a method whose class is the identity (``method=none``: nothing to time)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    target = OmegaConf.load(method_yaml).get("_target_")
+    return not (target and getattr(get_class(target), "identity", False))
+
+
 def registered_methods(conf_dir: Path = CONF_DIR) -> list[str]:
-    """Every method config (``conf/method/*.yaml``), SFT first, then the defenses."""
-    names = sorted(p.stem for p in (conf_dir / "method").glob("*.yaml"))
+    """Every method config (``conf/method/*.yaml``) that trains, SFT first, then the defenses."""
+    names = sorted(p.stem for p in (conf_dir / "method").glob("*.yaml") if trains(p))
     return sorted(names, key=lambda n: n != "sft") + defenses(conf_dir)
 
 
@@ -100,61 +129,6 @@ def fixed_groups(n: int, seed: int) -> list[int]:
     """A fixed random vulnerable (1) / invulnerable (0) split, ~37 % vulnerable."""
     rng = random.Random(f"step-cost-groups-{seed}")
     return [int(rng.random() < VULNERABLE_FRACTION) for _ in range(n)]
-
-
-# --------------------------------------------------------------------------------------------
-# memory
-# --------------------------------------------------------------------------------------------
-def _skip(obj) -> bool:
-    """Objects that are not a method's own state: the model, the data, configs, RNGs."""
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from vaa.data.group_stream import GroupStream
-
-    return isinstance(obj, (torch.nn.Module, L.LightningDataModule, L.LightningModule, DataLoader,
-                            GroupStream, str, bytes, int, float, bool, type(None)))
-
-
-def persistent_state_bytes(method, model: torch.nn.Module) -> int:
-    """Bytes of the tensors reachable from ``method`` (through lists, dicts and the project's
-    own objects, e.g. VAA's ``perturber.buffers``), each storage once, not counting the
-    model's parameters or gradients, nor the training data."""
-    exclude = {p.data_ptr() for p in model.parameters()}
-    exclude |= {p.grad.data_ptr() for p in model.parameters() if p.grad is not None}
-    seen_ptrs: set[int] = set()
-    seen_ids: set[int] = set()
-    total = 0
-
-    def walk(obj, depth: int) -> None:
-        nonlocal total
-        if depth > 5 or id(obj) in seen_ids or _skip(obj):
-            return
-        seen_ids.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            ptr = obj.data_ptr()
-            if ptr and ptr not in exclude and ptr not in seen_ptrs:
-                seen_ptrs.add(ptr)
-                total += obj.numel() * obj.element_size()
-            return
-        if isinstance(obj, dict):
-            items = list(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            items = list(obj)
-        elif type(obj).__module__.startswith(("vaa.", "benchmarks.")) and hasattr(obj, "__dict__"):
-            items = list(vars(obj).values())
-        else:
-            return
-        for x in items:
-            walk(x, depth + 1)
-
-    walk(method, 0)
-    return total
-
-
-def peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes / KiB
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +195,8 @@ def _clock(warmup: int, steps: int, cuda: bool):
 
 
 def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, warmup: int,
-               steps: int, seed: int, device: str, root: Path, source) -> dict:
+               steps: int, seed: int, device: str, root: Path, source, template: str = "compact",
+               max_length: int = 256, stretch=None) -> dict:
     """One training run of ``name`` from ``model0``'s weights; the timed steps' figures."""
     import lightning as L
     from hydra.utils import instantiate
@@ -239,8 +214,11 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
     method = instantiate(node)
     groups = fixed_groups(len(examples), seed) if getattr(method, "requires_groups", False) else None
     extra = extra_examples(source, cfg.extra_data, method.requires)
+    if stretch is not None:  # the real model: every stream's rows as long as the main rows
+        extra = {k: stretch(v) for k, v in extra.items()}
     dm = method.make_datamodule(examples, tokenizer, groups=groups, extra=extra, batch_size=batch_size,
-                                seed=seed, template="compact", max_length=256, max_prompt_length=512)
+                                seed=seed, template=template, max_length=max_length,
+                                max_prompt_length=512)
     recipe = OmegaConf.structured(AlignConfig(lr=1e-4, batch_size=batch_size))
     model = copy.deepcopy(model0)
     model.train()
@@ -291,6 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="comma-separated subset of conf/method (default: all; sft always runs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available")
+    p.add_argument("--model", default=None,
+                   help="a real model instead of the tiny one: smollm2_135m, a save_pretrained "
+                        "folder or a .gguf file (benchmarks/real_model.py); --hidden/--layers "
+                        "are then ignored")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="with --model: tokens per row (every batch is batch x seq-len)")
+    p.add_argument("--gemm", type=int, default=None,
+                   help="side of the square fp32 GEMM that measures the matmul peak "
+                        "(default 2048; 256 with --quick)")
     size_options(p, hidden=(32, 256), layers=(1, 4), batch_size=(4, 8), steps=(4, 40),
                  warmup=(1, 5), reps=(1, 3))
     return run_main(p, run, argv)
@@ -315,24 +302,44 @@ def run(a) -> dict:
     with tempfile.TemporaryDirectory(prefix="vaa-bench-") as tmp:
         root = Path(tmp)
         source = make_world(root / "world")
-        tokenizer = world_tokenizer(source)
         examples = source.examples("beavertails", "align")
-        model0 = tiny_model(tokenizer, hidden, layers, seed=a.seed)
         kw = dict(batch_size=batch_size, warmup=warmup, steps=steps, seed=a.seed, device=device,
                   root=root, source=source)
-        res = interleaved({m: (lambda m=m: run_method(m, cfgs[m], model0, examples, tokenizer, **kw))
-                           for m in methods}, reps)
+        if a.model:
+            model0, tokenizer, what = load_real_model(a.model)
+            hidden, layers = model0.config.hidden_size, model0.config.num_hidden_layers
+            n_rows = max(64, 4 * batch_size)
+
+            def stretch(rows):
+                return long_examples(rows, tokenizer, a.seq_len, min(n_rows, max(len(rows), 1)))
+            examples = stretch(examples)
+            kw.update(template="alpaca", max_length=a.seq_len, stretch=stretch)
+        else:
+            tokenizer = world_tokenizer(source)
+            model0, what = tiny_model(tokenizer, hidden, layers, seed=a.seed), "tiny"
+        gemm_n = a.gemm or (256 if a.quick else 2048)
+        res: dict[str, list[dict]] = {m: [] for m in methods}
+        gemm: list[float] = []
+        for rep in range(reps):  # methods in an order rotated per repetition, then the GEMM
+            k = rep % len(methods)
+            for m in methods[k:] + methods[:k]:
+                gc.collect()
+                res[m].append(run_method(m, cfgs[m], model0, examples, tokenizer, **kw))
+            gemm.append(matmul_gflops(gemm_n))
+        response = _response_tokens(examples, tokenizer, kw, batch_size) if a.model else None
 
     step_s = {m: median([r["step_s"] for r in res[m]]) for m in methods}
     last = {m: res[m][-1] for m in methods}  # deterministic per run (seeded): any rep will do
+    run_ratios = {m: [r["step_s"] / s["step_s"] for r, s in zip(res[m], res["sft"])]
+                  for m in methods}
     figures: dict[str, Any] = {
-        "ratio_vs_sft": {m: step_s[m] / step_s["sft"] for m in methods},
+        "ratio_vs_sft": {m: median(run_ratios[m]) for m in methods},
+        "ratio_range": {m: [min(run_ratios[m]), max(run_ratios[m])] for m in methods},
         "passes": {m: last[m]["declared_passes"] for m in methods},
         "realised_passes": {m: last[m].get("realised_passes", last[m]["forwards_per_step"])
                             for m in methods},
         "step_ms": {m: 1e3 * step_s[m] for m in methods},
-        "run_ratios": {m: [r["step_s"] / s["step_s"] for r, s in zip(res[m], res["sft"])]
-                       for m in methods},
+        "run_ratios": run_ratios,
         "forwards_per_step": {m: last[m]["forwards_per_step"] for m in methods},
         "tokens_per_pass": {m: last[m]["tokens_per_pass"] for m in methods},
         "perturbed_fraction": {m: last[m]["perturbed_fraction"] for m in methods
@@ -348,13 +355,34 @@ def run(a) -> dict:
         target = TARGET_SLACK * (1 + last["vaa"]["mean_lambda"])
         figures["vaa_target"] = target
         figures["vaa_within_target"] = bool(figures["ratio_vs_sft"]["vaa"] <= target)
+        # the coin's draws over few steps differ from λ: the same slack on the passes it took
+        figures["vaa_target_realised"] = TARGET_SLACK * figures["realised_passes"]["vaa"]
+    figures["matmul_gflops"] = median_range(gemm)
+    figures["gemm_n"] = gemm_n
+    sft_tokens = last["sft"]["tokens_per_pass"] * last["sft"]["forwards_per_step"]
+    flop = step_flop(model0, sft_tokens, response, a.seq_len if a.model else None)
+    figures.update(params=flop["params"], sft_tokens_per_step=sft_tokens,
+                   sft_gflop_per_step_6pt=flop["flop_6pt"] / 1e9)
+    for key, f in (("sft_peak_fraction", "flop_6pt"), ("sft_peak_fraction_matmul", "flop_matmul")):
+        if f in flop:  # per repetition: SFT's FLOP/s over the GEMM's of the same repetition
+            figures[key] = median_range([flop[f] / r["step_s"] / 1e9 / g
+                                         for r, g in zip(res["sft"], gemm)])
     figures["targets"] = {m: t for m, t in TARGETS.items() if m in methods}
     figures["within_target"] = {m: bool(figures["ratio_vs_sft"][m] <= t)
                                 for m, t in figures["targets"].items()}
     figures.update(methods=methods, device=device, steps=steps, warmup=warmup, reps=reps,
-                   batch_size=batch_size, hidden_size=hidden, layers=layers,
+                   batch_size=batch_size, hidden_size=hidden, layers=layers, model=what,
+                   seq_len=a.seq_len if a.model else None,
                    wall_s=time.perf_counter() - t0)
     return emit(NAME, **figures)
+
+
+def _response_tokens(examples, tokenizer, kw: dict, batch_size: int) -> float:
+    """Mean response (loss) tokens per SFT batch of the real-model rows."""
+    from vaa.data.encode import encode_train
+
+    rows = [encode_train(tokenizer, e, kw["template"], kw["max_length"], 512) for e in examples]
+    return batch_size * sum(sum(x != -100 for x in r["labels"]) for r in rows) / len(rows)
 
 
 if __name__ == "__main__":
