@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import shutil
@@ -47,6 +49,7 @@ def _run(cfg: DictConfig, run_dir: str | Path, recheck_threads) -> dict:
 
     def stage(name: str, build) -> None:
         recheck_threads()
+        release_memory()
         t0 = time.perf_counter()
         mem = PeakMemory().start()
         path, built = cache.get_or_create(ctx.keys[name], build, description=name, provenance=provenance)
@@ -109,6 +112,19 @@ def run_overrides(run_dir: Path) -> list[str] | None:
         return list(HydraConfig.get().overrides.task)
     saved = run_dir / ".hydra" / "overrides.yaml"
     return list(OmegaConf.load(saved)) if saved.is_file() else None
+
+
+def release_memory() -> None:
+    """Free what earlier stages left before the next one starts (issue 11 item 7). Lightning's
+    trainer and module reference each other, so a trained model (and, with full fine-tuning,
+    its AdamW state) stays alive after its stage until Python's cyclic collector happens to
+    run: on SmolLM2-135M one more 0.54 GB copy of the weights per finished stage. Collect them,
+    then hand freed heap pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def evaluate_stage(ctx, name: str, stage, cached: bool) -> dict:
