@@ -112,7 +112,39 @@ def test_real_alpaca_proxy_drops_alpacaeval_instructions(compose, tmp_path):
     rows = FolderSource(out).examples("alpaca", "train", fmt="alpaca")
     assert [e.instruction for e in rows] == ["Train question 0", "Train question 2", "Train question 3",
                                              "Train question 5"]
-    # real_files never downloads Alpaca: without a local copy the table is marked missing
-    cfg = compose(small)
+    # real_files never downloads Alpaca: without a local copy AlpacaEval rows 300-682 stand in
+    # (here the table has 10 rows: none), and with the stand-in off the table is marked missing
+    cfg = compose([*small, "data.alpaca_stand_in_rows.stop=0"])
     build_real_data(cfg.data, tmp_path / "out2")
     assert "data.alpaca" in (tmp_path / "out2" / "alpaca" / "MISSING.txt").read_text()
+
+
+def test_real_files_stand_in_proxy_is_checked_by_content(compose, tmp_path):
+    """No Alpaca file: AlpacaEval rows 300-682 stand in; whether an attack reads them is a
+    matter of content (another table), checked at the estimate stage."""
+    root = tmp_path / "real"
+    write_jsonl(root / "bt.jsonl", [{"prompt": f"p{i}", "response": "r", "category": {}, "is_safe": i % 2 == 0}
+                                    for i in range(40)])
+    write_jsonl(root / "alpaca_eval.jsonl", [{"instruction": f"Eval question {i}", "output": "o",
+                                              "generator": "g", "dataset": "d"} for i in range(805)])
+    small = ["data=real_files", f"data.root={root}", "data.beavertails_train.path=bt.jsonl",
+             "data.beavertails_test.path=bt.jsonl", "data.align_rows.stop=5", "data.hs_rows.stop=2",
+             "data.harmful_rows.start=2", "data.harmful_rows.stop=6", "data.proxy_rows.start=6",
+             "data.proxy_rows.stop=10", "data.align_harmful_rows.start=10", "data.align_harmful_rows.stop=12",
+             "data.base_rows.start=0", "data.base_rows.stop=0"]
+    out = tmp_path / "out"
+    cfg = compose([*small, "experiment=smoke", "task=alpacaeval"])  # attack n = 100: rows 0-89
+    build_real_data(cfg.data, out)
+    assert json.loads((out / "data.json").read_text())["content"]["proxy"]["rows"] == 383
+    source = FolderSource(out)
+    assert source.examples("alpaca", "train", fmt="alpaca_eval")[0].input == "Eval question 300"
+    assert_proxies_disjoint(cfg, partial(table_rows, source), source)
+    # an attack of n = 700 reads AlpacaEval rows 0-629: the stand-in rows 300-629 are among them
+    big = compose([*small, "experiment=smoke", "task=alpacaeval", "attack.n=700"])
+    assert proxy_overlaps(big, partial(table_rows, source)) == []  # other tables: positions cannot see it
+    with pytest.raises(ValueError, match="has a row the alpacaeval attack trains on .'Eval question 300'"):
+        assert_proxies_disjoint(big, partial(table_rows, source), source)
+    # the stand-in off: a missing Alpaca table says which key to set
+    cfg = compose([*small, "data.alpaca_stand_in_rows.stop=0"])
+    build_real_data(cfg.data, tmp_path / "out2")
+    assert "data.alpaca.path" in (tmp_path / "out2" / "alpaca" / "MISSING.txt").read_text()

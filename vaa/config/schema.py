@@ -170,6 +170,7 @@ class RealDataConfig(SyntheticDataConfig):
     gsm8k_test: TableSource = _table("openai/gsm8k", "test", "main")
     alpaca_eval: TableSource = _table("tatsu-lab/alpaca_eval", "eval", "alpaca_eval")
     alpaca: TableSource = _table("tatsu-lab/alpaca", "train")  # VAA stage 1's proxy (alpaca/train)
+    alpaca_stand_in_rows: RowSlice = _rows(0, 0)  # no Alpaca table: these AlpacaEval rows instead
     # beavertails (safe rows, `reference`) | refusals (`paper`) | beavertails_refusals (safe rows
     # whose response is a refusal by keyword list `refusal_keywords`: what a keyword judge sees)
     align_source: str = "beavertails"

@@ -135,7 +135,13 @@ def alpaca_proxy(d, content: dict) -> dict[str, list[dict]]:
     """VAA stage 1's proxy instructions (``alpaca/train``, protocol.md §2: tatsu-lab/alpaca),
     without the rows whose instruction (alone, or with its input) is an AlpacaEval instruction:
     AlpacaEval is an attack's and the FA test's data. The count goes into ``content``."""
-    rows, src = read_table(d, "alpaca")
+    try:
+        rows, src = read_table(d, "alpaca")
+    except MissingResource:
+        s = d.alpaca_stand_in_rows
+        if s.stop is not None and s.stop <= s.start:
+            raise
+        return alpaca_stand_in(d, content)
     try:
         reserved = keys_of(str(r["instruction"]) for r in read_table(d, "alpaca_eval")[0])
     except MissingResource:
@@ -146,6 +152,18 @@ def alpaca_proxy(d, content: dict) -> dict[str, list[dict]]:
         return bool({content_key(text), content_key(f"{text}\n{r.get('input') or ''}")} & reserved)
     kept = [r for r in _uid(rows, src) if not shared(r)]
     content["proxy"] = {"table": "alpaca", "rows": len(kept), "dropped_as_alpaca_eval": len(rows) - len(kept)}
+    return {"train": kept}
+
+
+def alpaca_stand_in(d, content: dict) -> dict[str, list[dict]]:
+    """Without an Alpaca table: AlpacaEval rows ``data.alpaca_stand_in_rows`` as the proxy
+    (real_files: rows 300-682, after what an attack of n <= 333 reads and before the FA test
+    rows). The estimate stage checks by content that no attack of this run reads them."""
+    rows, src = read_table(d, "alpaca_eval")
+    s = d.alpaca_stand_in_rows
+    kept = _uid(rows, src)[s.start:s.stop]
+    content["proxy"] = {"table": f"alpaca_eval rows {s.start}-{(s.stop or len(rows)) - 1} (stand-in)",
+                        "rows": len(kept), "dropped_as_alpaca_eval": 0}
     return {"train": kept}
 
 

@@ -7,8 +7,9 @@ an attack on the first floor((1-p)·n) rows of its task's train split. Groups ar
 per alignment and reused by every task, so a proxy is checked against the attack of every
 task (``ATTACK_SPLITS``, its n from ``protocol.attack_n`` where the protocol sets one per task,
 else ``attack.n``), and against the run's own task as configured. Positions are compared
-(the rows of one table); the real data stage also drops from the proxy table the rows whose
-text is an AlpacaEval instruction (vaa.data.hub.alpaca_proxy).
+(the rows of one table), and on real data texts too (:func:`proxy_content_overlaps`: a
+stand-in proxy is another table's rows); the real data stage also drops from the Alpaca table
+the rows whose text is an AlpacaEval instruction (vaa.data.hub.alpaca_proxy).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import math
 from typing import Callable, Optional
 
 from omegaconf import OmegaConf
+
+from vaa.data.content import content_key
+from vaa.models.hub import MissingResource
 
 # task name -> the (dataset folder, split) its attack trains on, from row 0 (conf/task/*.yaml)
 ATTACK_SPLITS = {"sst2": ("sst2", "train"), "agnews": ("ag_news", "train"),
@@ -71,7 +75,40 @@ def proxy_overlaps(cfg, n_rows: RowCount) -> list[tuple[str, str]]:
     return problems
 
 
-def assert_proxies_disjoint(cfg, n_rows: RowCount) -> None:
+def _user_text(e) -> str:
+    return content_key(e.input if e.input.strip() else e.instruction)
+
+
+def proxy_content_overlaps(cfg, source) -> list[tuple[str, str]]:
+    """Real data: (key, message) for each proxy run whose benign rows share a text (the user's
+    input, vaa.data.content) with an attack's benign rows, whatever table either is read from
+    (a stand-in proxy is another table's rows). Tables the folder lacks are skipped."""
+    est, problems = cfg.dro.estimate, []
+    attacks = {}
+    for task, (ds, split, a, b) in attack_rows(cfg).items():
+        try:
+            attacks[task] = {_user_text(e) for e in source.examples(ds, split, a, b)}
+        except (FileNotFoundError, MissingResource, ValueError):
+            continue
+    for i, proxy in enumerate(est.proxies):
+        rows = source.examples(proxy.dataset, proxy.split, proxy.start, proxy.stop, proxy.format)
+        for e in rows[:benign_rows(est.n, proxy.harmful_ratio)]:
+            task = next((t for t, keys in attacks.items() if _user_text(e) in keys), None)
+            if task is not None:
+                problems.append((f"dro.estimate.proxies.{i}", (
+                    f"dro.estimate.proxies.{i} ({proxy.name}: {proxy.dataset}/{proxy.split}) has a row "
+                    f"the {task} attack trains on ({(e.input or e.instruction)[:60]!r}): stage 1 would "
+                    f"estimate on the attack itself; use rows no attack reads (data.alpaca.path=FILE, "
+                    f"or a later data.alpaca_stand_in_rows.start / a smaller attack.n)")))
+                break
+    return problems
+
+
+def assert_proxies_disjoint(cfg, n_rows: RowCount, source=None) -> None:
+    """Raise ValueError listing every proxy that meets an attack's rows: by position, and with
+    ``source`` (real data) by content too."""
     problems = proxy_overlaps(cfg, n_rows)
+    if source is not None and not problems:
+        problems = proxy_content_overlaps(cfg, source)
     if problems:
         raise ValueError("\n".join(msg for _, msg in problems))

@@ -21,6 +21,7 @@ from vaa.analysis.forgetting import write_analysis
 from vaa.data.datamodule import hft_mix
 from vaa.data.groups import assign_groups, forgot_num
 from vaa.data.groups_file import write_groups
+from vaa.data.hub import is_real_data
 from vaa.data.io import read_rows
 from vaa.data.proxy_check import assert_proxies_disjoint
 from vaa.models.build import load_model
@@ -46,7 +47,9 @@ def build_estimate(ctx, out: Path) -> None:
     from vaa.pipeline.stages import train  # the one training routine every stage uses
 
     cfg, est = ctx.cfg, ctx.cfg.dro.estimate
-    assert_proxies_disjoint(cfg, partial(table_rows, ctx.source))  # never the attack's own rows
+    # never the attack's own rows: by position, and on real data by text
+    assert_proxies_disjoint(cfg, partial(table_rows, ctx.source),
+                            ctx.source if is_real_data(cfg.data) else None)
     align = ctx.source.examples("beavertails", "align", 0, cfg.align.n)
     judge = instantiate(cfg.judge.build, world_dir=str(ctx.dirs["world"]))
     harmful = ctx.source.examples("beavertails", "proxy_harmful")
