@@ -147,6 +147,19 @@ def test_stage_writes_lines_and_metrics_csv_although_shorter_than_log_interval(t
     assert len(csv) >= 2 and "align/loss" in csv[0]
 
 
+def test_stage_on_a_terminal_draws_one_bar_over_the_stage(tmp_path, capsys, caplog, monkeypatch):
+    """Lightning's bar read "Epoch 0/-2" (max_epochs=-1); ours: stage, step/total, ETA."""
+    from vaa.methods.sft import SFT
+
+    torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="vaa.progress")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    tiny_stage(tmp_path, SFT(), steps=7)
+    out = capsys.readouterr().out
+    assert re.search(r"aligned: 100%.*7/7 \[", out) and "Epoch" not in out
+    assert lines(caplog) == []
+
+
 def test_vaa_step_raises_no_warning_from_our_code(tmp_path):
     """The "Consider using tensor.detach() first" warning of vaa/methods/vaa.py (issue 14 item 10)."""
     from hydra.utils import instantiate
