@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from vaa.analysis.trajectory import write_trajectory
-from vaa.data.group_stream import GroupDataModule
 from vaa.methods.base import TrainingMethod
 from vaa.methods.dro.sampler import EXP3Sampler
 from vaa.methods.grads import is_sharded, mix_grads, sharded_norm, trainable_params
@@ -81,6 +80,8 @@ class VAA(TrainingMethod):
         if groups is None:
             raise ValueError("method=vaa needs vulnerability groups: set dro.groups_file or let "
                              "the estimate stage run (dro.groups_file=null)")
+        from vaa.data.group_stream import GroupDataModule  # Lightning: imported when training
+
         return GroupDataModule(examples, groups, tokenizer, **kw)
 
     def setup(self, module, datamodule) -> None:
