@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from vaa.config.checker import Checker
 
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # vaa/training/optim.py
 PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true",
               "bf16", "transformer-engine", "transformer-engine-float16")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,6 +30,8 @@ def recipe(c: Checker, *, what: str) -> None:
     c.nonneg("weight_decay", "grad_clip")
     if c.has("schedule"):
         c.one_of("schedule", SCHEDULES)
+    if c.has("optimizer"):
+        c.one_of("optimizer", OPTIMIZERS)
     if c.has("warmup_ratio"):
         c.unit("warmup_ratio", meaning="share of the steps spent warming up")
     betas = c.get("betas")

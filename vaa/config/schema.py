@@ -32,6 +32,9 @@ class TrainRecipe:
     grad_clip: float = 1.0  # global L2 norm; 0 disables
     schedule: str = "constant"  # constant | cosine
     warmup_ratio: float = 0.0
+    # adamw (torch) | adamw_8bit | paged_adamw_8bit (bitsandbytes, `pip install -e ".[gpu]"`:
+    # 2 bytes of state per parameter instead of 8; paged: the state can spill to host memory)
+    optimizer: str = "adamw"
 
 
 @dataclass

@@ -39,7 +39,7 @@ def compose_config(overrides: list[str]):
 
 def print_stage(name: str, p: dict) -> None:
     lora = "LoRA" if p["lora"] else "full"
-    print(f"\n[{name}] method={p['method']} {lora} {p['precision']} batch={p['batch']} length={p['length']}"
+    print(f"\n[{name}] method={p['method']} {lora} {p['precision']} {p['optimizer']} batch={p['batch']} length={p['length']}"
           f"{' grad-ckpt' if p['gradient_checkpointing'] else ''}  P={p['P'] / 1e9:.3f} B, "
           f"P_t={p['P_t'] / 1e9:.4f} B ({p['note']})")
     print(f"  {'term':<20} {'formula':<34} {'GB':>9}")
@@ -47,6 +47,8 @@ def print_stage(name: str, p: dict) -> None:
         print(f"  {t.name:<20} {t.formula:<34} {t.bytes / GB:>9.2f}")
     print(f"  {'runtime':<20} {'(process / CUDA context)':<34} {p['terms_gb']['runtime']:>9.2f}")
     print(f"  {'peak':<20} {'static + max(forward, gradients)':<34} {p['peak_gb']:>9.2f}")
+    if p.get("pageable_gb"):
+        print(f"  {'GPU-resident min.':<20} {'peak − paged optimizer state':<34} {p['peak_gb'] - p['pageable_gb']:>9.2f}")
 
 
 def print_compare(overrides: list[str], methods: list[str], shapes: list, runtime_gb) -> list[dict]:
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     compare = print_compare(args.overrides, args.compare.split(","), shapes, args.runtime_gb) if args.compare else None
     summary = {"model": plan["model"], "P": plan["P"], "peak_stage": plan["peak_stage"],
                "stages": {k: {"method": v["method"], "lora": v["lora"], "peak_gb": round(v["peak_gb"], 3),
+                              "precision": v["precision"], "optimizer": v["optimizer"],
+                              "pageable_gb": round(v["pageable_gb"], 3),
                               "terms_gb": {t: round(x, 3) for t, x in v["terms_gb"].items()}}
                           for k, v in plan["stages"].items()}}
     if compare:

@@ -77,10 +77,10 @@ def plan_stage(shape: Shape, *, method: str = "sft", footprint: Footprint | None
         targets, Pt, gb = (), P, pb
     if optimizer in ("adamw", "adam"):
         ob, oform = 2 * gb, f"2·P_t·{gb}"
-    elif optimizer in ("adamw8bit", "paged_adamw8bit", "adamw_8bit"):
+    elif optimizer in ("adamw_8bit", "paged_adamw_8bit", "adamw8bit", "paged_adamw8bit"):
         ob, oform = 2.0, "2·P_t·1"
     else:
-        raise ValueError(f"optimizer {optimizer!r}: plan knows adamw, adamw8bit, paged_adamw8bit")
+        raise ValueError(f"optimizer {optimizer!r}: plan knows adamw, adamw_8bit, paged_adamw_8bit")
     shard = devices if sharded else 1
     N, L, h, V = batch * length, shape.layers, shape.hidden, shape.vocab
     terms = [Term("weights", f"P·{pb}" + (" + P_t·4" if lora else ""), (P * pb + (Pt * 4 if lora else 0)) / shard)]
@@ -117,6 +117,10 @@ def plan_stage(shape: Shape, *, method: str = "sft", footprint: Footprint | None
     peak = static + max(during, after) + rt * GB
     return {"method": method, "shape": shape.name, "P": P, "P_t": Pt, "precision": precision,
             "batch": batch, "length": length, "lora": bool(lora), "gradient_checkpointing": gradient_checkpointing,
+            "optimizer": optimizer,
+            # a paged optimizer's state lives in CUDA unified memory: under pressure the driver
+            # pages it to host memory, so the GPU needs at least peak − pageable
+            "pageable_gb": Pt * ob / shard / GB if optimizer.startswith("paged") else 0.0,
             "terms": terms, "terms_gb": {t.name: t.bytes / GB for t in terms} | {"runtime": rt},
             "peak_gb": peak / GB, "static_gb": static / GB, "note": fp.note}
 

@@ -27,21 +27,24 @@ def _lora(model, stage: str, enabled: bool | None = None) -> dict | None:
 
 
 def stage_settings(cfg: DictConfig) -> list[dict]:
-    """(stage, method class, method config, batch) of each training stage of ``cfg``."""
+    """(stage, method class, method config, batch, optimizer) of each training stage of ``cfg``;
+    each stage's optimizer is its recipe's (``align``, ``attack``, ``model.pretrain``)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     out = []
     if c["model"].get("arch") and c["model"].get("pretrain"):
         out.append({"stage": "base", "target": "vaa.methods.sft.SFT", "hp": {},
-                    "batch": c["model"]["pretrain"]["batch_size"]})
+                    "batch": c["model"]["pretrain"]["batch_size"],
+                    "optimizer": c["model"]["pretrain"].get("optimizer")})
     method = c["method"]
     cls = get_class(method["_target_"])
     if getattr(cls, "requires_groups", False) and not (c.get("dro") or {}).get("groups_file"):
         out.append({"stage": "sft_aligned", "target": "vaa.methods.sft.SFT", "hp": {},
-                    "batch": c["align"]["batch_size"]})
+                    "batch": c["align"]["batch_size"], "optimizer": c["align"].get("optimizer")})
     batch = max(c["align"]["batch_size"], int(method.get("harmful_batch_size") or 0))
-    out.append({"stage": "aligned", "target": method["_target_"], "hp": method, "batch": batch})
+    out.append({"stage": "aligned", "target": method["_target_"], "hp": method, "batch": batch,
+                "optimizer": c["align"].get("optimizer")})
     out.append({"stage": "finetuned", "target": c["ft_defense"]["_target_"], "hp": c["ft_defense"],
-                "batch": c["attack"]["batch_size"]})
+                "batch": c["attack"]["batch_size"], "optimizer": c["attack"].get("optimizer")})
     return out
 
 
@@ -61,7 +64,7 @@ def plan_run(cfg: DictConfig, shape: Shape | None = None, runtime_gb: float | No
             shape, method=getattr(cls, "name", cls.__name__), footprint=footprint(cls, s["hp"]),
             batch=s["batch"], length=int(model.max_length), precision=str(trainer.precision), lora=tuning,
             gradient_checkpointing=bool(model.get("gradient_checkpointing") or False),
-            optimizer=str(OmegaConf.select(cfg, "align.optimizer", default="adamw") or "adamw"),
+            optimizer=str(s.get("optimizer") or "adamw"),
             runtime_gb=runtime_gb, accelerator=str(trainer.accelerator),
             devices=int(trainer.devices) if str(trainer.devices).isdigit() else 1,
             sharded="fsdp" in str(trainer.strategy))

@@ -14,6 +14,7 @@ import torch
 
 from vaa.methods.base import TrainingMethod
 from vaa.methods.precision import check_strategy
+from vaa.training.optim import build_optimizer
 
 
 def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -37,6 +38,7 @@ def response_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
 
 class CausalLMModule(L.LightningModule):
     log_prefix = "train"
+    recipe_key = "align"  # the recipe's config node, named in errors (optimizer)
 
     def __init__(self, model: torch.nn.Module, method: TrainingMethod, recipe, total_steps: int):
         super().__init__()
@@ -50,7 +52,6 @@ class CausalLMModule(L.LightningModule):
         return response_loss(model or self.model, batch)
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logs = self.method.training_step(self, batch)
-        self.last_logs = logs  # the progress line/bar reads the latest loss (training/progress.py)
         self.last_logs = logs  # the progress line/bar reads the latest loss (training/progress.py)
         # Lightning writes step metrics every log_every_n_steps anyway; calling log_dict only
         # then halves the loop overhead (benchmarks.loop_overhead --explain: 2.0 → 1.0 ms/step).
@@ -81,7 +82,7 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         r = self.recipe
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay, betas=tuple(r.betas))
+        opt = build_optimizer(params, r, self.recipe_key)  # <recipe>.optimizer (vaa/training/optim.py)
         warmup = int(r.warmup_ratio * self.total_steps)
 
         def factor(step: int) -> float:
@@ -109,10 +110,12 @@ class AlignModule(CausalLMModule):
 
 class FinetuneModule(CausalLMModule):
     log_prefix = "finetune"
+    recipe_key = "attack"
 
 
 class PretrainModule(CausalLMModule):
     log_prefix = "base"
+    recipe_key = "model.pretrain"
 
 
 def spawned(trainer) -> bool:
