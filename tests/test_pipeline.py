@@ -238,3 +238,67 @@ def test_baselines_run_in_the_pipeline(first_run, smoke_cfg, tmp_path, builds, o
         got = [json.loads(r)[key] for r in rows]
         assert got == [json.loads(r)[key] for r in plain]  # the same test prompts as without
         assert not any("answer begins with" in p for p in got)
+
+
+# --------------------------------------------------------------------------- SIGKILL inside a stage
+MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json")
+
+
+def vaa_cli(cache: Path, run_dir: Path, overrides: list[str], **popen):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VAA_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "vaa", *overrides, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,overrides", [
+    ("aligned", ["method=sft", "align.epochs=40"]),                       # killed while aligning
+    ("finetuned", ["method=sft", "ft_defense=lisa", "attack.epochs=12"]),  # killed in Lisa's attack
+])
+def test_sigkill_inside_a_stage_then_rerun_gives_byte_identical_artifacts(tmp_path, stage, overrides):
+    """A run with in-stage checkpoints is SIGKILLed after a checkpoint of ``stage`` exists; the
+    rerun resumes from it. The aligned and fine-tuned models are byte-identical to those of an
+    uninterrupted run (the checkpoint cadence is not part of any cache key). Entries are found
+    by stage name, not by a key computed here (a code edit during the test changes keys)."""
+    import os
+    import signal
+    import time
+    common = ["experiment=smoke", "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=10",
+              *overrides]
+    clean = vaa_cli(tmp_path / "clean", tmp_path / "run_clean", common)
+    assert clean.wait(timeout=900) == 0, clean.stdout.read()
+
+    cache = tmp_path / "killed"
+    proc = vaa_cli(cache, tmp_path / "run_killed", common)
+    deadline = time.time() + 900
+    while proc.poll() is None and time.time() < deadline:
+        found = list(cache.glob(f".work-{stage}-*/last.ckpt")) if cache.is_dir() else []
+        if found:
+            ckpt = found[0]
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few steps past the checkpoint, not inside the next one's write
+    assert proc.poll() is None, "the stage ended before it could be killed: raise its epochs"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    key = ckpt.parent.name.removeprefix(".work-")
+    assert ckpt.exists() and not ArtifactCache(cache).has(key)
+
+    rerun = vaa_cli(cache, tmp_path / "run_rerun", common)
+    out, _ = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, out
+    import re
+    done = re.search(rf"{stage}: done, (\d+) steps", out)
+    total = re.search(rf"{stage}: step \d+/(\d+)", out)
+    assert done and total and 0 < int(done.group(1)) < int(total.group(1)), out[-3000:]  # resumed
+    assert not ckpt.parent.exists()  # the work folder goes once the stage is built
+    for s in ("aligned", "finetuned"):
+        (a,), (b,) = ([d for d in root.glob(f"{s}-*") if d.is_dir()] for root in (tmp_path / "clean", cache))
+        assert a.name == b.name  # the same cache key
+        for name in MODEL_FILES:
+            assert (b / name).read_bytes() == (a / name).read_bytes(), (s, name)
