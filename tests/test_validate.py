@@ -226,3 +226,121 @@ def test_ctrl_c_exits_130_names_the_stage_and_leaves_a_record(tmp_path):
     assert rec["status"] == "interrupted" and rec["stage"] in ("world", "base", "aligned", "finetuned",
                                                                  "sft_aligned", "estimate"), rec
     assert f"stage {rec['stage']!r}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# precision, sharding and optimizer guards, before any stage (issue 13; vaa/config/precision_rules.py)
+# ---------------------------------------------------------------------------------------------
+def keys_of(cfg) -> list[str]:
+    return [k for k, _ in find_problems(cfg)]
+
+
+@pytest.mark.parametrize("method", ["sft", "vaa", "booster", "vaccine", "repnoise", "gdro", "none"])
+@pytest.mark.parametrize("precision", ["16-mixed", "16"])
+def test_fp16_mixed_is_refused_for_every_method(compose, method, precision):
+    problems = dict(find_problems(compose([f"method={method}", f"trainer.precision={precision}"])))
+    assert "trainer.precision" in problems
+    assert "bf16-mixed" in problems["trainer.precision"] and "\n" not in problems["trainer.precision"]
+
+
+def test_bf16_and_fp32_precisions_pass(compose):
+    for p in ("bf16-mixed", "bf16-true", "32-true"):
+        assert keys_of(compose(["method=sft", f"trainer.precision={p}"])) == []
+
+
+FSDP_CASES = [["method=booster"], ["method=vaccine"], ["method=repnoise"], ["method=gdro"],
+              ["method=vaa", "ft_defense=ema"], ["method=vaa", "ft_defense=lisa"],
+              ["method=sft", "restore=panacea"], ["method=sft", "restore=curvature"], ["method=sft", "restore=merge"]]
+
+
+@pytest.mark.parametrize("overrides", FSDP_CASES, ids=[" ".join(o) for o in FSDP_CASES])
+def test_fsdp_is_refused_for_a_class_that_is_not_fsdp_safe(compose, overrides):
+    from hydra.utils import get_class
+
+    cfg = compose(["trainer=fsdp", *overrides])
+    group, name = overrides[-1].split("=")
+    assert not getattr(get_class(cfg[group]._target_), "fsdp_safe", False)
+    lines = [m for k, m in find_problems(cfg) if k == "trainer.strategy"]
+    assert len(lines) == 1 and f"{group}={name} (" in lines[0] and "trainer=ddp" in lines[0], lines
+
+
+@pytest.mark.parametrize("overrides", [["method=sft"], ["method=vaa"], ["method=vaa", "ft_defense=lookahead"]])
+def test_fsdp_passes_for_fsdp_safe_classes(compose, overrides):
+    assert "trainer.strategy" not in keys_of(compose(["trainer=fsdp", *overrides]))
+
+
+def test_8bit_optimizers_need_bitsandbytes_and_no_fsdp(compose, monkeypatch):
+    import vaa.config.precision_rules as rules
+
+    assert rules.EIGHT_BIT == tuple(o for o in __import__("vaa.config.rules", fromlist=["x"]).OPTIMIZERS if o != "adamw")
+    monkeypatch.setattr(rules, "find_spec", lambda name: None)  # bitsandbytes not installed
+    problems = dict(find_problems(compose(["align.optimizer=paged_adamw_8bit", "attack.optimizer=adamw_8bit"])))
+    assert 'pip install -e ".[gpu]"' in problems["align.optimizer"] and "attack.optimizer" in problems
+    monkeypatch.setattr(rules, "find_spec", lambda name: object())  # installed
+    assert keys_of(compose(["align.optimizer=paged_adamw_8bit"])) == []
+    problems = dict(find_problems(compose(["trainer=fsdp", "method=sft", "align.optimizer=adamw_8bit"])))
+    assert "FSDP" in problems["align.optimizer"]
+    assert "attack.optimizer" in keys_of(compose(["attack.optimizer=sgd"]))
+
+
+# Booster's α (and any class's weight_step_keys) against the resolution of the training precision
+STEP_CASES = [  # overrides, refused key or None
+    (["model=llama2_7b", "trainer=gpu", "method=booster_vaa", "trainer.precision=bf16-true"], "method.alpha"),
+    (["model=llama2_7b", "trainer=gpu", "method=booster_vaa", "trainer.precision=bf16-mixed"], "method.alpha"),
+    (["model=qwen2_5_0_5b", "trainer=gpu", "method=booster_vaa", "trainer.precision=bf16-true"], "method.alpha"),
+    (["model=llama2_7b", "trainer=gpu", "method=booster_vaa", "trainer.precision=16-true"], "method.alpha"),
+    (["model=llama2_7b", "trainer=gpu", "method=booster_vaa", "model.dtype=bfloat16", "trainer.precision=32-true"],
+     "method.alpha"),  # bf16 weights under a 32-true trainer round the same way
+    (["model=llama2_7b", "trainer=gpu", "method=vaa", "trainer.precision=bf16-true", "dro.sam.rho=0.001"], "dro.sam.rho"),
+    (["model=llama2_7b", "trainer=gpu", "method=booster_vaa", "trainer.precision=32-true"], None),
+    (["model=llama2_7b", "trainer=gpu", "method=booster_vaa", "trainer.precision=bf16-true", "model.lora.enabled=true"], None),
+    (["model=llama2_7b", "trainer=gpu", "method=vaa", "trainer.precision=bf16-true"], None),  # 4x under: not "must"
+    (["method=booster", "trainer.precision=bf16-true"], None),  # the tiny model: α 0.1 over ~1e5 weights
+]
+
+
+@pytest.mark.parametrize("overrides,key", STEP_CASES, ids=[" ".join(o) for o, _ in STEP_CASES])
+def test_a_weight_step_that_must_round_away_is_refused(compose, overrides, key):
+    problems = [(k, m) for k, m in find_problems(compose(overrides)) if k in ("method.alpha", "dro.sam.rho")]
+    if key is None:
+        assert problems == []
+        return
+    assert [k for k, _ in problems] == [key], problems
+    msg = problems[0][1]
+    assert "trainer.precision=32-true" in msg and "model.lora.enabled=true" in msg and "ULP" in msg
+    assert ("rounds to nothing" in msg) != ("mixed" in msg.split("trainer.precision=")[1].split(" ")[0])
+
+
+def test_the_bound_is_where_rounding_has_already_removed_the_step():
+    """At the rule's boundary (average step = half-ULP floor / MARGIN) on weights ~ N(0, 0.02):
+    in bf16-true under 5 % of the step survives along ε, and in bf16-mixed the forward's copy
+    moves at cosine < 0.15 to it; so everything the rule refuses (smaller steps) is gone too.
+    Booster at 7B sits 16x further below the boundary."""
+    import math
+
+    import torch
+
+    from vaa.config.precision_rules import MARGIN, step_floor
+    from vaa.methods.precision import realised_step
+
+    avg, floor = step_floor(1e-3, 6_738_423_808, 7)
+    assert avg == pytest.approx(1.218e-8, rel=1e-3) and floor == pytest.approx(2 ** -9 * 1e-2)
+    assert floor / (avg * MARGIN) > 16
+    torch.manual_seed(0)
+    w = torch.randn(1_000_000) * 0.02
+    eps = torch.randn(1_000_000)
+    eps *= floor / MARGIN / eps.square().mean().sqrt()
+    wb = w.bfloat16()
+    norm, cos = realised_step([wb], [(wb.float() + eps).bfloat16()], [eps], "bf16-true")
+    assert norm * max(cos, 0) < 0.05 * float(eps.norm())
+    _, cos_mixed = realised_step([w], [w + eps], [eps], "bf16-mixed")
+    assert cos_mixed < 0.15
+    # and the rule's own estimate of that cosine is of the same size
+    assert math.sqrt((floor / MARGIN) / (2 * floor)) == pytest.approx(cos_mixed, rel=1.0)
+
+
+def test_cli_refuses_booster_in_bf16_on_7b_before_building(tmp_path):
+    r = vaa_cli(tmp_path, "model=llama2_7b", "trainer=gpu", "trainer.precision=bf16-true", "method=booster_vaa")
+    assert r.returncode == 1, r.stderr
+    assert "method.alpha=0.001" in r.stderr and "rounds to nothing" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -11,7 +11,10 @@ naming the dotted key, its value and the fix):
    stage 1's proxy runs), a method's required data streams exist (its class's ``requires``,
    ``requires_groups``), ``dro.groups_file`` is readable, judge=exact only on the synthetic world;
 4. files that must exist: ``data.root`` and the data files under it, ``model.path``,
-   ``judge.build.path``.
+   ``judge.build.path``;
+5. precision, sharding and optimizer (vaa/config/precision_rules.py): 16-mixed, FSDP for a
+   class that is not ``fsdp_safe``, 8-bit optimizers without bitsandbytes or under FSDP, a
+   weight perturbation that must round away in the training precision.
 
 Nothing is imported beyond the config's own classes (no torch model, no data is read), so a
 bad value fails in seconds. The checks inside the stages stay as a second line of defence.
@@ -27,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaa.config.checker import Checker, Problem
 from vaa.config.data_rules import DataRules
+from vaa.config.precision_rules import check_precision_rules
 from vaa.config.rules import GROUP_RULES, estimate, restore
 from vaa.errors import ConfigError
 
@@ -53,8 +57,11 @@ def find_problems(cfg: DictConfig) -> list[Problem]:
     root.count("seed", minimum=0)
     check_templates(root)
     method_classes = {g: check_method(cfg, g, problems) for g in ("method", "ft_defense")}
+    trained = dict(method_classes)
     if cfg.get("restore") is not None and cfg.restore.get("_target_"):
         restore(Checker(cfg.restore, "restore.", problems, cfg))
+        trained["restore"] = target_class(cfg.restore)
+    check_precision_rules(cfg, trained, problems)
     check_task_format(cfg, problems)
     data = DataRules(cfg, problems)
     data.check_world()
@@ -128,6 +135,14 @@ def check_method_data(cfg: DictConfig, classes: dict, data: DataRules, problems:
                 data.check_estimate(cfg.dro.estimate)
     if data.rows("beavertails", "align", 0, cfg.align.get("n")) == 0:
         root.fail("align.n", "selects no alignment rows")
+
+
+def target_class(node):
+    """The class ``node._target_`` names, or None when it does not import."""
+    try:
+        return get_class(node._target_)
+    except Exception:  # noqa: BLE001 - reported by the stage that builds it
+        return None
 
 
 def readable(path: str) -> bool:

@@ -41,6 +41,7 @@ VARIANTS = ("upstream", "vaa_sign_bug")
 class Booster(TrainingMethod):
     name = "booster"
     requires = ("harmful",)
+    weight_step_keys = ("method.alpha",)  # absolute L2 step over all weights (vaa.config.precision_rules)
 
     def __init__(self, lam: float = 5.0, alpha: float = 0.1, harmful_batch_size: int | None = None,
                  variant: str = "upstream", meta_term: bool = True, perturb_aware: bool = False,

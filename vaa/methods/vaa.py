@@ -57,6 +57,7 @@ class VAA(TrainingMethod):
     name = "vaa"
     requires_groups = True
     fsdp_safe = True  # ‖G0‖ all-reduced over shards; parameters taken at the first step
+    weight_step_keys = ("dro.sam.rho",)  # absolute L2 step over all weights (vaa.config.precision_rules)
 
     def __init__(self, dro: Any, seed: int = 0, **hparams: Any):
         super().__init__(**hparams)
