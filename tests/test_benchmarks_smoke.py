@@ -37,7 +37,8 @@ def _positive(record: dict, keys: list[str]) -> None:
     ("loop_overhead", ["ratio", "lightning_ms", "bare_ms", "steps", "batch_size", "seq_len",
                        "hidden_size", "layers"]),
     ("generation", ["speedup", "batched_prompts_per_s", "single_prompts_per_s",
-                    "identical_fraction", "n_prompts"]),
+                    "identical_fraction", "n_prompts", "batched_peak_fraction", "peak_gflops",
+                    "lean_vs_hf", "hf_tokens_per_s"]),
     ("step_cost", ["steps", "batch_size", "hidden_size", "layers", "peak_rss_mb"]),
 ])
 def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
@@ -56,6 +57,7 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
         assert record["max_weight_diff"] <= 1e-6
     if name == "generation":  # greedy: batching must not change the text
         assert record["identical_fraction"] == 1.0
+        assert record["hf_identical_fraction"] == 1.0  # the lean loop decodes as model.generate
     if name == "step_cost":  # every method and ft defense (conf/method, conf/ft_defense), vs SFT
         from benchmarks.step_cost import trains  # method=none (the identity) is not timed
         methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml") if trains(p))
