@@ -515,3 +515,98 @@ def test_curvature_states_its_memory_before_it_starts_and_a_module_subset_shrink
     assert memory_plan([m.weight for m in sub], sub, hp)["numel"] < numel
     hp.curvature.backend = "lbfgs_ihvp"
     assert memory_plan([m.weight for m in full], full, hp)["vectors"] == 4 + 2 * hp.curvature.history
+
+
+# --------------------------------------------------------------------------- merge rules, Antidote's blocks (mutation-tested)
+def test_slerp_matches_the_closed_form_and_its_limits():
+    from vaa.restore.merge import slerp
+    a, b = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.25])  # ω = 90°, norms below 1
+    want = math.sin(math.pi / 3) * a + math.sin(math.pi / 6) * b  # sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b
+    torch.testing.assert_close(slerp(a, b, 1 / 3), want)
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    torch.testing.assert_close(slerp(torch.zeros(2), b, 0.5), b / 2)  # a zero endpoint: lerp
+    near = a * (1 + 1e-6)
+    torch.testing.assert_close(slerp(a, near, 0.5), torch.lerp(a, near, 0.5))  # near-parallel: lerp
+    v = torch.ones(3) / 3  # its normalised dot with −v rounds below −1: clamped, no NaN
+    assert torch.isfinite(slerp(v, -v, 0.5)).all()
+    assert slerp(a.bfloat16(), b.bfloat16(), 0.5).dtype == torch.bfloat16
+
+
+def test_ties_keeps_the_density_largest_entries_of_the_task_vector():
+    from vaa.restore.merge import MERGE_RULES
+    pre = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    post = pre + torch.tensor([1.0, -5.0, 3.0, -2.0, 4.0])
+    hp = SimpleNamespace(density=0.4)  # k = 2: −5 and 4
+    out = MERGE_RULES["ties"](pre, post, hp, 0.5, None)
+    torch.testing.assert_close(out, pre + 0.5 * torch.tensor([0.0, -5.0, 0.0, 0.0, 4.0]))
+    one = MERGE_RULES["ties"](pre, post, SimpleNamespace(density=0.01), 1.0, None)  # k ≥ 1
+    torch.testing.assert_close(one, pre + torch.tensor([0.0, -5.0, 0.0, 0.0, 0.0]))
+
+
+def test_dare_is_seeded_and_checks_its_drop_probability():
+    aligned, ft = tiny_llama(0), tiny_llama(1)
+
+    def up(**kw):
+        m = Merge(method="dare", alpha=0.5, **kw).restore(tiny_llama(1), stub_inputs(aligned=aligned))
+        return m.model.layers[0].mlp.up_proj.weight.detach()
+    assert torch.equal(up(drop=0.5, seed=1), up(drop=0.5, seed=1))
+    assert not torch.equal(up(drop=0.5, seed=1), up(drop=0.5, seed=2))
+    a, f = aligned.model.layers[0].mlp.up_proj.weight, ft.model.layers[0].mlp.up_proj.weight
+    torch.testing.assert_close(up(drop=0.0), a + 0.5 * (f - a))  # d = 0: the linear merge
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="restore.drop"):
+            up(drop=bad)
+
+
+def test_merge_rejects_an_unknown_rule_and_another_architecture():
+    aligned = tiny_llama(0)
+    with pytest.raises(ValueError, match="restore.method='mean'"):
+        Merge(method="mean").restore(tiny_llama(1), stub_inputs(aligned=aligned))
+    with pytest.raises(ValueError, match="merge: parameter"):
+        Merge().restore(tiny_llama(1, hidden=8), stub_inputs(aligned=aligned))
+
+
+def test_safelora_names_the_targets_that_match_nothing():
+    with pytest.raises(ValueError, match=r"no Linear module named \['nope'\]"):
+        SafeLoRA(targets=["nope"]).restore(tiny_llama(2), stub_inputs(aligned=tiny_llama(1), base=tiny_llama(0)))
+
+
+def _input_norms(model, batch, proj="q_proj"):
+    """Σ x² over the non-padding tokens at each layer's ``proj`` input, by hooks."""
+    sq = {}
+    hooks = [getattr(layer.self_attn, proj).register_forward_pre_hook(
+        lambda mod, args, i=i: sq.__setitem__(i, (args[0].detach()[batch["attention_mask"].bool()] ** 2).sum(0)))
+        for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    return sq
+
+
+def test_antidote_sequential_scores_each_block_after_pruning_the_ones_before():
+    """Wanda's sequential mode: block 0 is scored on the unpruned model, block 1 on the model
+    with block 0 already pruned; padding tokens never count; the pruned fraction is reported per
+    module by its full name."""
+    import copy
+    model = tiny_llama(0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 30, (4, 7), generator=g),
+             "attention_mask": torch.ones(4, 7, dtype=torch.long)}
+    batch["attention_mask"][1, 4:] = 0  # a padded row
+    inputs = SimpleNamespace(harmful=lambda hp: [None] * 4, batches=lambda ex, bs: [batch])
+    ref = copy.deepcopy(model)
+    r = Antidote(dense_ratio=0.25, targets=["q_proj"], sequential=True)
+    out = r.restore(model, inputs)
+    assert sorted(r.info["pruned_fraction"]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert all(f == 0.25 for f in r.info["pruned_fraction"].values())
+    for i in range(2):
+        sq = _input_norms(ref, batch)  # block i's inputs, blocks < i pruned as in `out`
+        w0 = ref.model.layers[i].self_attn.q_proj.weight.detach().clone()
+        want = row_topk_mask(w0.abs() * sq[i].sqrt(), 0.25)
+        got = (out.model.layers[i].self_attn.q_proj.weight == 0) & (w0 != 0)
+        assert torch.equal(got, want), i
+        with torch.no_grad():
+            ref.model.layers[i].self_attn.q_proj.weight.mul_(~want)
+    with pytest.raises(ValueError, match="restore.targets"):
+        Antidote(targets=["nope"]).restore(tiny_llama(0), inputs)
