@@ -32,6 +32,7 @@ from vaa.methods.precision import PerturbationRoundedAway
 from vaa.methods.sft import SFT
 from vaa.methods.vaa import VAA
 from vaa.training.module import response_loss
+from vaa.training.optim import build_optimizer
 
 # Architecture shapes (config.json of the public checkpoints); random init.
 SHAPES = {
@@ -66,13 +67,14 @@ class Harness:
     ``lm_loss`` (under autocast for bf16-mixed), ``manual_backward``, the optimizer and the
     trainer's precision (for the realised-perturbation measurement)."""
 
-    def __init__(self, model, method, precision: str, steps: int, device: str):
+    def __init__(self, model, method, precision: str, steps: int, device: str, optimizer: str = "adamw"):
         self.model, self.method, self.device = model, method, torch.device(device)
         self.global_step, self.total_steps = 0, steps
         self.recipe = SimpleNamespace(grad_clip=1.0, batch_size=0)
         self._trainer = SimpleNamespace(precision=precision, log_every_n_steps=1, strategy=object())
         params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        recipe = SimpleNamespace(optimizer=optimizer, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.999))
+        self.opt = build_optimizer(params, recipe, "--optimizer")  # adamw | adamw_8bit | paged_adamw_8bit
         self.autocast = precision == "bf16-mixed"
 
     def lm_loss(self, batch, model=None):
@@ -119,7 +121,7 @@ def make_method(name: str, stream: RandomStream):
 
 
 def run_one(shape, precision, mode, method_name, args) -> dict:
-    rec = {"shape": shape, "precision": precision, "mode": mode, "method": method_name}
+    rec = {"shape": shape, "precision": precision, "mode": mode, "method": method_name, "optimizer": args.optimizer}
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     cuda = args.device.startswith("cuda")
     model = h = None
@@ -136,7 +138,7 @@ def run_one(shape, precision, mode, method_name, args) -> dict:
         stream = RandomStream(args.batch, args.seq, SHAPES[shape]["vocab_size"], args.device)
         made = make_method(method_name, stream)
         method, dm = made if isinstance(made, tuple) else (made, None)
-        h = Harness(model, method, precision, args.steps, args.device)
+        h = Harness(model, method, precision, args.steps, args.device, args.optimizer)
         method.setup(h, dm)
         rec["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         times, logs = [], {}
@@ -181,6 +183,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes: the "
+                                                       "paper presets' alignment, e.g. --precisions 32-true)")
     args = p.parse_args(argv)
     runs = []
     for shape in args.shapes.split(","):

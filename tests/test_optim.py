@@ -81,3 +81,16 @@ def test_8bit_adamw_steps_like_adamw_with_2_bytes_of_state(name, cls):
     ref, got = steps["adamw"][0], steps[name][0]
     assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
     assert (got - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (pip install -e '.[gpu]')")
+def test_gpu_check_runs_the_presets_setting_on_cpu(capsys):
+    """benchmarks.gpu_check --optimizer: the paper presets' VAA setting (32-true, paged 8-bit
+    AdamW, full fine-tuning) on the tiny shape, on the CPU; a GPU runs it on 7B."""
+    from benchmarks.gpu_check import main
+
+    out = main(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--precisions", "32-true",
+                "--modes", "full", "--methods", "vaa", "--optimizer", "paged_adamw_8bit"])
+    (run,) = out["runs"]
+    assert run["status"] == "ok" and run["optimizer"] == "paged_adamw_8bit", run
+    assert run["eps_realised_cos"] == pytest.approx(1.0, abs=1e-3)  # fp32 represents ε
