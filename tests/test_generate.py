@@ -4,6 +4,7 @@ leave the batch, and decoding stops at every stop id (EOS and a chat end-of-turn
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -109,3 +110,19 @@ def test_loop_ends_when_every_row_stopped():
     out = greedy_batch(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=50,
                        stop_ids=[5])
     assert out == [[4], [4]] and len(model.calls) == 2
+
+
+def test_peft_model_decodes_through_the_lean_loop_with_its_adapters():
+    peft = pytest.importorskip("peft")
+    tok = _tok()
+    base = _model(tok, seed=2)
+    prompts = _prompts(tok, 6, seed=2)
+    before = generate(base, tok, prompts, max_new_tokens=6, batch_size=4, progress=False)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.generate = None  # the fallback would fail: the lean loop must drive the peft model
+    assert generate(model, tok, prompts, max_new_tokens=6, batch_size=4, progress=False) == before
+    with torch.no_grad():  # a non-zero adapter changes the answers: it is applied
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1.0)
+    assert generate(model, tok, prompts, max_new_tokens=6, batch_size=4, progress=False) != before

@@ -112,6 +112,8 @@ def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *
     b = input_ids.shape[0]
     if max_new_tokens <= 0 or b == 0:
         return [[] for _ in range(b)]
+    if callable(getattr(model, "get_base_model", None)):  # peft: its adapters live in the base model
+        model = model.get_base_model()
     if not lean_supported(model):
         return _hf_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids)
     device = input_ids.device
