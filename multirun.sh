@@ -4,7 +4,7 @@
 #   bash multirun.sh                          the synthetic paper table (experiment=paper_synthetic)
 #   bash multirun.sh <experiment> [overrides] a named preset, e.g. sweep_harmful_ratio, paper_llama2
 #   bash multirun.sh paper_synthetic seed=0,1,2 hydra/launcher=local   (more seeds, parallel jobs)
-# Jobs write under outputs/multirun/<date>/<time>_<experiment>/<job>/ (relative to the current
+# Jobs write under outputs/multirun/<date>/<time>-<pid>_<experiment>/<job>/ (relative to the current
 # directory); the report (report.md/.csv/.tex/.png) lands in that sweep directory. A failed job
 # never stops the sweep: the report shows its cells as missing and this script exits non-zero.
 set -euo pipefail
@@ -20,7 +20,7 @@ fi
 command -v vaa >/dev/null || { echo "multirun.sh: no 'vaa' command; pip install -e . first" >&2; exit 2; }
 
 export TOKENIZERS_PARALLELISM=false
-sweep_dir="outputs/multirun/$(date +%Y-%m-%d)/$(date +%H-%M-%S)_${preset}"
+sweep_dir="outputs/multirun/$(date +%Y-%m-%d)/$(date +%H-%M-%S)-$$_${preset}"  # + pid: two started in one second never share a folder
 echo "multirun.sh: experiment=${preset} $* -> ${sweep_dir}"
 echo "multirun.sh: stage cache ${VAA_CACHE_DIR:-~/.cache/vaa} unless paths.cache_dir=DIR is given (an empty DIR: a cold run)"
 start=${SECONDS}
