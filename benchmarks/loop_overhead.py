@@ -55,6 +55,7 @@ from vaa.config.schema import AlignConfig
 from vaa.data.encode import TrainCollator, encode_train
 from vaa.methods.sft import SFT
 from vaa.training.module import AlignModule, response_loss
+from vaa.training.optim import build_optimizer
 
 NAME = "loop_overhead"
 
@@ -96,8 +97,7 @@ class BareStepper:
         self.model = copy.deepcopy(model0)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay,
-                                     betas=tuple(r.betas))
+        self.opt = build_optimizer(params, r)  # the pipeline's optimizer (fused AdamW where it can)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: 1.0)
 
     def step(self, batch) -> dict[str, torch.Tensor]:

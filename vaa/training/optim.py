@@ -27,13 +27,25 @@ BNB = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 OPTIMIZERS = ("adamw", *BNB)
 
 
+def fused(params: list) -> dict:
+    """``{"fused": True}`` when every parameter is a plain floating tensor on a CPU or a CUDA
+    device (torch's one-kernel AdamW; on 2 CPU threads its step over SmolLM2-135M's 134.5 M
+    parameters took 0.36 s vs 2.5 s for the per-tensor default, which was about a fifth of a
+    full fine-tuning step), else ``{}`` (torch's default: e.g. sharded DTensor parameters).
+    Same update up to float rounding."""
+    ok = bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point()
+                              and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if ok else {}
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], recipe, key: str = "align") -> torch.optim.Optimizer:
     """The optimizer ``recipe.optimizer`` (default ``adamw``) over ``params``; ``key`` names the
     recipe's config node in errors (``align``, ``attack``, ``model.pretrain``)."""
     name = str(getattr(recipe, "optimizer", None) or "adamw")
     kwargs = {"lr": recipe.lr, "weight_decay": recipe.weight_decay, "betas": tuple(recipe.betas)}
     if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
+        params = list(params)
+        return torch.optim.AdamW(params, **kwargs, **fused(params))
     if name not in BNB:
         raise UserError(f"{key}.optimizer={name}: unknown optimizer; use one of {', '.join(OPTIMIZERS)}")
     try:
