@@ -120,6 +120,9 @@ class Restorer:
 
     schema = RestoreConfig
     reads: tuple[str, ...] = ()  # "aligned" and/or "base"
+    # A repair runs in the main process on the whole model, outside the sharded training loop,
+    # so trainer=fsdp does not change what it computes; one that trains (Panacea) says False.
+    fsdp_safe = True
 
     def __init__(self, **hparams):
         self.hp = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(self.schema), hparams))

@@ -92,6 +92,7 @@ class PanaceaStep(TrainingMethod):
 class Panacea(Restorer):
     schema = PanaceaRestoreConfig
     reads = ("aligned",)
+    fsdp_safe = False  # replays the attack with PanaceaStep: its ε and norms would be per shard
 
     def restore(self, model, inputs):
         if inputs.train is None:
