@@ -325,7 +325,11 @@ def run(a) -> dict:
             for m in methods[k:] + methods[:k]:
                 gc.collect()
                 res[m].append(run_method(m, cfgs[m], model0, examples, tokenizer, **kw))
+                print(f"step_cost: repetition {rep + 1}/{reps} {m}: "
+                      f"{1e3 * res[m][-1]['step_s']:.0f} ms/step", file=sys.stderr, flush=True)
             gemm.append(matmul_gflops(gemm_n))
+            print(f"step_cost: repetition {rep + 1}/{reps} GEMM {gemm[-1]:.1f} GFLOP/s",
+                  file=sys.stderr, flush=True)
         response = _response_tokens(examples, tokenizer, kw, batch_size) if a.model else None
 
     step_s = {m: median([r["step_s"] for r in res[m]]) for m in methods}
