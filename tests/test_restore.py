@@ -225,6 +225,8 @@ def test_row_topk_mask_selects_the_largest_scores_per_row():
     s = torch.tensor([[1.0, 5.0, 3.0, 2.0], [9.0, 0.0, 1.0, 8.0]])
     m = row_topk_mask(s, 0.5)
     assert m.tolist() == [[False, True, True, False], [True, False, False, True]]
+    assert row_topk_mask(s, 0.25).tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert not row_topk_mask(s, 0.2).any()  # floor(0.2 · 4) = 0
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.25])
@@ -520,16 +522,21 @@ def test_curvature_states_its_memory_before_it_starts_and_a_module_subset_shrink
 # --------------------------------------------------------------------------- merge rules, Antidote's blocks (mutation-tested)
 def test_slerp_matches_the_closed_form_and_its_limits():
     from vaa.restore.merge import slerp
-    a, b = torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.25])  # ω = 90°, norms below 1
-    want = math.sin(math.pi / 3) * a + math.sin(math.pi / 6) * b  # sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b
-    torch.testing.assert_close(slerp(a, b, 1 / 3), want)
-    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    w = math.pi / 3  # ω = 60°, norms below 1
+    a, b = torch.tensor([0.5, 0.0]), 0.25 * torch.tensor([math.cos(w), math.sin(w)])
+    for t in (1 / 3, 0.8):  # sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b
+        want = (math.sin((1 - t) * w) * a + math.sin(t * w) * b) / math.sin(w)
+        torch.testing.assert_close(slerp(a, b, t), want)
+    c = torch.tensor([0.3, -0.7, 0.2])
+    d = torch.tensor([-0.1, 0.4, 0.9])
+    assert torch.equal(slerp(c, d, 0.0), c) and torch.equal(slerp(c, d, 1.0), d)  # the endpoints exactly
     torch.testing.assert_close(slerp(torch.zeros(2), b, 0.5), b / 2)  # a zero endpoint: lerp
     near = a * (1 + 1e-6)
     torch.testing.assert_close(slerp(a, near, 0.5), torch.lerp(a, near, 0.5))  # near-parallel: lerp
-    v = torch.ones(3) / 3  # its normalised dot with −v rounds below −1: clamped, no NaN
-    assert torch.isfinite(slerp(v, -v, 0.5)).all()
-    assert slerp(a.bfloat16(), b.bfloat16(), 0.5).dtype == torch.bfloat16
+    v = torch.ones(3) / 3  # normalised dots with ±v round past ±1: clamped, no NaN
+    assert torch.isfinite(slerp(v, -v, 0.5)).all() and torch.isfinite(slerp(v, v * 2, 0.5)).all()
+    for x, y in ((a, b), (torch.zeros(2), b), (a, near)):  # every branch keeps the dtype
+        assert slerp(x.bfloat16(), y.bfloat16(), 0.5).dtype == torch.bfloat16
 
 
 def test_ties_keeps_the_density_largest_entries_of_the_task_vector():
@@ -591,22 +598,33 @@ def test_antidote_sequential_scores_each_block_after_pruning_the_ones_before():
     import copy
     model = tiny_llama(0)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, 30, (4, 7), generator=g),
-             "attention_mask": torch.ones(4, 7, dtype=torch.long)}
-    batch["attention_mask"][1, 4:] = 0  # a padded row
-    inputs = SimpleNamespace(harmful=lambda hp: [None] * 4, batches=lambda ex, bs: [batch])
+    batches = [{"input_ids": torch.randint(0, 30, (4, 7), generator=g),
+                "attention_mask": torch.ones(4, 7, dtype=torch.long)} for _ in range(2)]
+    batches[0]["attention_mask"][1, :3] = 0  # a left-padded row: the mask must reach the model
+    inputs = SimpleNamespace(harmful=lambda hp: [None] * 4, batches=lambda ex, bs: batches)
     ref = copy.deepcopy(model)
-    r = Antidote(dense_ratio=0.25, targets=["q_proj"], sequential=True)
+    flat = Antidote(dense_ratio=0.5, targets=["q_proj", "v_proj"], sequential=False).restore(
+        copy.deepcopy(model), inputs)
+    r = Antidote(dense_ratio=0.5, targets=["q_proj", "v_proj"], sequential=True)
     out = r.restore(model, inputs)
-    assert sorted(r.info["pruned_fraction"]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
-    assert all(f == 0.25 for f in r.info["pruned_fraction"].values())
+    assert sorted(r.info["pruned_fraction"]) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    assert all(f == 0.5 for f in r.info["pruned_fraction"].values())
     for i in range(2):
-        sq = _input_norms(ref, batch)  # block i's inputs, blocks < i pruned as in `out`
-        w0 = ref.model.layers[i].self_attn.q_proj.weight.detach().clone()
-        want = row_topk_mask(w0.abs() * sq[i].sqrt(), 0.25)
-        got = (out.model.layers[i].self_attn.q_proj.weight == 0) & (w0 != 0)
-        assert torch.equal(got, want), i
+        sq = {}
+        for b in batches:  # block i's inputs over both batches, blocks < i pruned as in `out`
+            for k, v in _input_norms(ref, b).items():
+                sq[k] = sq.get(k, 0) + v
+        attn = ref.model.layers[i].self_attn
+        want = {p: row_topk_mask(getattr(attn, p).weight.detach().abs() * sq[i].sqrt(), 0.5)
+                for p in ("q_proj", "v_proj")}
+        w_out = out.model.layers[i].self_attn.q_proj.weight
+        assert torch.equal(w_out == 0, want["q_proj"]), i
         with torch.no_grad():
-            ref.model.layers[i].self_attn.q_proj.weight.mul_(~want)
+            for p in ("q_proj", "v_proj"):
+                getattr(attn, p).weight.mul_(~want[p])
+    # and the sequential order matters here: block 1 differs from the all-at-once scoring
+    assert not torch.equal(out.model.layers[1].self_attn.q_proj.weight,
+                           flat.model.layers[1].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="restore.targets"):
         Antidote(targets=["nope"]).restore(tiny_llama(0), inputs)
