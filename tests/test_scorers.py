@@ -185,3 +185,18 @@ def test_registry():
     assert build_scorer("rougeL", threshold=0.9).threshold == 0.9
     with pytest.raises(ValueError, match="agnews"):
         build_scorer("mmlu")
+
+
+# Edges a mutation-testing run (mutmut over vaa/eval/scorers.py) found untested.
+def test_rouge_l_edges_and_threshold_is_inclusive():
+    from vaa.eval.scorers import rouge_l_f1
+    assert rouge_l_f1("", "a b c") == 0.0 and rouge_l_f1("a b c", "") == 0.0
+    assert rouge_l_f1("a b c", "a b c") == 1.0
+    assert RougeLScorer(threshold=1.0)("a b c", "a b c")  # f1 == threshold counts
+
+
+def test_accuracy_names_what_is_wrong():
+    with pytest.raises(ValueError, match="2 predictions but 1 golds"):
+        accuracy(GSM8KScorer(), ["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="no examples to score"):
+        accuracy(GSM8KScorer(), [], [])
