@@ -126,3 +126,28 @@ def test_peft_model_decodes_through_the_lean_loop_with_its_adapters():
             if "lora_B" in n:
                 p.normal_(0, 1.0)
     assert generate(model, tok, prompts, max_new_tokens=6, batch_size=4, progress=False) != before
+
+
+def test_rows_that_stop_early_leave_the_batch_and_the_cache_consistently(monkeypatch):
+    """Stop ids chosen among tokens the model emits early, so rows stop at different steps and
+    the finished ones are evicted (cache included) while the others go on: every prompt's
+    output equals its one-at-a-time output."""
+    from vaa.eval import greedy
+
+    tok = _tok()
+    model = _model(tok, seed=3)
+    prompts = _prompts(tok, 24, seed=3)
+    free = [greedy.greedy_batch(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),
+                                max_new_tokens=12, stop_ids=[tok.eos_token_id])[0] for p in prompts]
+    stops = sorted({ids[k] for ids, k in zip(free[:8], (1, 2, 3, 4) * 2) if len(ids) > k})
+    evictions = []
+    orig = greedy.BufferLayer.batch_select_indices
+    monkeypatch.setattr(greedy.BufferLayer, "batch_select_indices",
+                        lambda self, idx: (evictions.append(len(idx)), orig(self, idx))[1])
+    single = generate(model, tok, prompts, max_new_tokens=12, batch_size=1, progress=False, stop_ids=stops)
+    assert not evictions  # a batch of one ends when its row stops
+    batched = generate(model, tok, prompts, max_new_tokens=12, batch_size=24, progress=False, stop_ids=stops)
+    assert batched == single
+    assert evictions  # rows left the batch mid-generation
+    lengths = {len(s.split()) for s in single}
+    assert len(lengths) > 2  # rows stopped at different steps
