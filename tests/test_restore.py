@@ -420,7 +420,9 @@ def test_antidote_zeroes_the_highest_wanda_scores_of_each_row():
     for h in hooks:
         h.remove()
     inputs = SimpleNamespace(harmful=lambda hp: [None] * 4, batches=lambda ex, bs: [batch])
-    out = Antidote(dense_ratio=0.25, targets=["q_proj"], sequential=False).restore(model, inputs)
+    r = Antidote(dense_ratio=0.25, targets=["q_proj"], sequential=False)
+    out = r.restore(model, inputs)
+    assert sorted(r.info["pruned_fraction"]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
     for i, layer in enumerate(out.model.layers):
         w0 = ref.model.layers[i].self_attn.q_proj.weight.detach()
         score = w0.abs() * sq[i].sqrt()
@@ -524,9 +526,11 @@ def test_slerp_matches_the_closed_form_and_its_limits():
     from vaa.restore.merge import slerp
     w = math.pi / 3  # ω = 60°, norms below 1
     a, b = torch.tensor([0.5, 0.0]), 0.25 * torch.tensor([math.cos(w), math.sin(w)])
-    for t in (1 / 3, 0.8):  # sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b
-        want = (math.sin((1 - t) * w) * a + math.sin(t * w) * b) / math.sin(w)
-        torch.testing.assert_close(slerp(a, b, t), want)
+    for w in (math.pi / 3, math.pi / 6):  # also below 1 rad, well above the lerp cut-off
+        a, b = torch.tensor([0.5, 0.0]), 0.25 * torch.tensor([math.cos(w), math.sin(w)])
+        for t in (1 / 3, 0.8):  # sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b
+            want = (math.sin((1 - t) * w) * a + math.sin(t * w) * b) / math.sin(w)
+            torch.testing.assert_close(slerp(a, b, t), want)
     c = torch.tensor([0.3, -0.7, 0.2])
     d = torch.tensor([-0.1, 0.4, 0.9])
     assert torch.equal(slerp(c, d, 0.0), c) and torch.equal(slerp(c, d, 1.0), d)  # the endpoints exactly
@@ -628,3 +632,27 @@ def test_antidote_sequential_scores_each_block_after_pruning_the_ones_before():
                            flat.model.layers[1].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="restore.targets"):
         Antidote(targets=["nope"]).restore(tiny_llama(0), inputs)
+
+
+def test_antidote_input_norms_sum_x_squared_over_real_tokens_of_every_batch():
+    from vaa.restore.antidote import input_sq_norms
+    model = tiny_llama(0)
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 30, (3, 6), generator=g),
+                "attention_mask": torch.ones(3, 6, dtype=torch.long)} for _ in range(2)]
+    batches[1]["attention_mask"][0, :2] = 0  # left padding: the mask must reach the model
+    mods = {f"l{i}": layer.mlp.down_proj for i, layer in enumerate(model.model.layers)}
+    got = input_sq_norms(model, mods, batches)
+    want = {k: torch.zeros(m.in_features) for k, m in mods.items()}
+    for b in batches:
+        seen = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0].detach()))
+                 for k, m in mods.items()]
+        with torch.no_grad():
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        for h in hooks:
+            h.remove()
+        for k, x in seen.items():
+            want[k] += (x[b["attention_mask"].bool()] ** 2).sum(0)
+    for k in mods:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
