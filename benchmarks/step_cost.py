@@ -36,8 +36,8 @@ per run (reset before each; median over reps). On a CPU ``peak_rss_mb`` is the p
 resident set (``getrusage``), a coarse figure for the whole benchmark.
 
 Repetitions: in each one every method runs once, in an order rotated by one per repetition
-(no method always runs first or last), and a 2048² fp32 GEMM measures the machine's matmul
-rate now (``matmul_gflops``: [median, min, max] over the repetitions). ``ratio_vs_sft`` is the
+(no method always runs first or last), and right after SFT's run a 2048² fp32 GEMM measures
+the machine's matmul rate under the same load (``matmul_gflops``: [median, min, max] over the repetitions). ``ratio_vs_sft`` is the
 median over repetitions of the method's mean step ÷ SFT's in the same repetition (paired, so a
 drift of the machine's speed between repetitions cancels), ``ratio_range`` their [min, max].
 
@@ -320,16 +320,17 @@ def run(a) -> dict:
         gemm_n = a.gemm or (256 if a.quick else 2048)
         res: dict[str, list[dict]] = {m: [] for m in methods}
         gemm: list[float] = []
-        for rep in range(reps):  # methods in an order rotated per repetition, then the GEMM
+        for rep in range(reps):  # methods in an order rotated per repetition
             k = rep % len(methods)
             for m in methods[k:] + methods[:k]:
                 gc.collect()
                 res[m].append(run_method(m, cfgs[m], model0, examples, tokenizer, **kw))
                 print(f"step_cost: repetition {rep + 1}/{reps} {m}: "
                       f"{1e3 * res[m][-1]['step_s']:.0f} ms/step", file=sys.stderr, flush=True)
-            gemm.append(matmul_gflops(gemm_n))
-            print(f"step_cost: repetition {rep + 1}/{reps} GEMM {gemm[-1]:.1f} GFLOP/s",
-                  file=sys.stderr, flush=True)
+                if m == "sft":  # the GEMM right after SFT's run: the load it ran under
+                    gemm.append(matmul_gflops(gemm_n))
+                    print(f"step_cost: repetition {rep + 1}/{reps} GEMM {gemm[-1]:.1f} GFLOP/s",
+                          file=sys.stderr, flush=True)
         response = _response_tokens(examples, tokenizer, kw, batch_size) if a.model else None
 
     step_s = {m: median([r["step_s"] for r in res[m]]) for m in methods}
