@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vaa.data.encode import TrainCollator, encode_train
+from vaa.data.encode import TrainCollator, encode_rows
 from vaa.data.formats import Example
 from vaa.data.group_stream import GroupStream
 
@@ -100,6 +100,9 @@ class SFTDataModule(L.LightningDataModule):
     right before the step, after any prefetch) and is checkpointed, so an epoch's iterator
     starts at ``divmod(trained, steps_per_epoch)``. Iterated outside a trainer (``trained`` = 0)
     the loader yields epoch 0 from its first batch.
+
+    ``truncation``: per example list ("train" and each extra stream's name), the counts of
+    targets ``max_length`` cut (``vaa.data.encode.Truncation.as_dict``), filled in ``setup``.
     """
 
     def __init__(self, examples: Sequence[Example], tokenizer, *, batch_size: int, seed: int,
@@ -126,10 +129,13 @@ class SFTDataModule(L.LightningDataModule):
         self.streams: dict[str, GroupStream] = {}
         self._pending_streams: dict[str, Any] = {}
         self.trained = 0  # batches handed to a training step so far (all epochs)
+        self.truncation: dict[str, dict[str, int]] = {}
 
-    def encode(self, examples: Sequence[Example]) -> list[dict]:
-        return [encode_train(self.tokenizer, ex, self.template, self.max_length,
-                             self.max_prompt_length) for ex in examples]
+    def encode(self, examples: Sequence[Example], what: str = "train") -> list[dict]:
+        rows, stats = encode_rows(self.tokenizer, examples, self.template, self.max_length,
+                                  self.max_prompt_length, what=f"{what} rows")
+        self.truncation[what] = stats.as_dict()
+        return rows
 
     def setup(self, stage: str | None = None) -> None:
         if self.rows is None:
@@ -142,7 +148,7 @@ class SFTDataModule(L.LightningDataModule):
                 bs = self.extra_batch_size(name, self.batch_size)
                 trainer = getattr(self, "trainer", None)  # data-parallel ranks draw different orders
                 rank = int(trainer.global_rank) if trainer is not None else 0
-                self.streams[name] = GroupStream({0: self.encode(examples)}, bs, collate,
+                self.streams[name] = GroupStream({0: self.encode(examples, name)}, bs, collate,
                                                  stream_seed(self.seed, name), rank=rank, num_groups=1)
             if name in self._pending_streams:
                 self.streams[name].load_state_dict(self._pending_streams.pop(name))
