@@ -346,3 +346,23 @@ def test_cli_refuses_booster_in_bf16_on_7b_before_building(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "method.alpha=0.001" in r.stderr and "rounds to nothing" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# Mistakes a new user made that failed only inside a stage (a fresh review of this round).
+def test_chat_template_with_the_tiny_word_tokenizer_is_refused_before_building(compose):
+    assert "template.train" in keys_of(compose(["template.train=chat"]))
+    assert "template.decode" in keys_of(compose(["template.decode=chat"]))
+
+
+def test_a_gpu_trainer_without_cuda_is_refused_before_building(compose):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert "trainer.accelerator" in keys_of(compose(["trainer=gpu"]))
+    assert "trainer.accelerator" not in keys_of(compose(["trainer=cpu"]))
+
+
+def test_curvature_modules_that_name_no_linear_layer_are_refused(compose):
+    assert "restore.modules" in keys_of(compose(["restore=curvature", "restore.modules=[nope]"]))
+    assert "restore.modules" not in keys_of(compose(["restore=curvature", "restore.modules=[q_proj,v_proj]"]))

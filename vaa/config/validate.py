@@ -56,10 +56,12 @@ def find_problems(cfg: DictConfig) -> list[Problem]:
             rule(Checker(cfg[group], f"{group}.", problems, cfg))
     root.count("seed", minimum=0)
     check_templates(root)
+    check_accelerator(root)
     method_classes = {g: check_method(cfg, g, problems) for g in ("method", "ft_defense")}
     trained = dict(method_classes)
     if cfg.get("restore") is not None and cfg.restore.get("_target_"):
         restore(Checker(cfg.restore, "restore.", problems, cfg))
+        check_restore_modules(Checker(cfg.restore, "restore.", problems, cfg), cfg)
         trained["restore"] = target_class(cfg.restore)
     check_precision_rules(cfg, trained, problems)
     check_task_format(cfg, problems)
@@ -80,10 +82,45 @@ def validate(cfg: DictConfig) -> None:
 
 def check_templates(root: Checker) -> None:
     from vaa.data.templates import TEMPLATES
+    from vaa.models.hf import is_hf_model
 
     for k in ("template.train", "template.decode"):
         if root.has(k):
             root.one_of(k, sorted(TEMPLATES))
+            model = root.get("model")
+            if root.get(k) == "chat" and model is not None and not is_hf_model(model):
+                root.fail(k, f"needs a tokenizer with a chat template; model={model.get('name')} "
+                             "builds a word tokenizer without one: use alpaca or compact, or an "
+                             "instruct/chat model (e.g. model=smollm2_135m)")
+
+
+# The linear layers of the Llama-family models the presets name (Llama, Qwen2, SmolLM2, tiny).
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_FAMILY = ("tiny", "smollm2_135m", "llama2_7b", "qwen2_5_0_5b", "qwen2_5_7b")
+
+
+def check_restore_modules(c: Checker, cfg: DictConfig) -> None:
+    """``restore.modules`` names linear layers; on the presets' Llama-family models a name
+    that is none of theirs would fail only after every stage before the repair was built."""
+    mods = c.get("modules")
+    if mods is None or OmegaConf.select(cfg, "model.name") not in LLAMA_FAMILY:
+        return
+    bad = [m for m in mods if m not in LLAMA_LINEARS]
+    if bad or not len(mods):
+        c.fail("modules", f"names no linear layer of this model ({bad or 'empty'}); use some of "
+                          f"{', '.join(LLAMA_LINEARS)}")
+
+
+def check_accelerator(root: Checker) -> None:
+    """A GPU accelerator on a machine without CUDA fails in Lightning inside the first stage;
+    say so before anything is built."""
+    acc = str(root.get("trainer.accelerator", "cpu")).lower()
+    if acc in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            root.fail("trainer.accelerator", "no CUDA device is visible on this machine; use "
+                      "trainer=cpu (or trainer=ddp for 2 CPU processes)")
 
 
 def check_method(cfg: DictConfig, group: str, problems: list[Problem]):

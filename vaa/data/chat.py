@@ -28,6 +28,8 @@ one ValueError naming the setting and the fix.
 
 from __future__ import annotations
 
+from vaa.errors import ConfigError
+
 class ChatTemplate:
     """Rendering through ``tokenizer.apply_chat_template`` (see the module docstring)."""
 
@@ -49,7 +51,7 @@ class ChatTemplate:
 
     def _render(self, tokenizer, messages: list[dict], generation_prompt: bool) -> str:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 f"template.train/template.decode={self.name!r} needs a tokenizer with a chat "
                 f"template, and this model's tokenizer ({type(tokenizer).__name__}) has none "
                 "(the tiny synthetic model's word tokenizer never has one): set template.train "

@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from vaa.errors import ConfigError
 from vaa.restore import curvature_ops as C
 from vaa.restore.base import Restorer, dataset_loss, n_tokens
 from vaa.restore.geometry import geometry_report
@@ -71,7 +72,8 @@ def target_linears(model, names) -> list[torch.nn.Linear]:
     mods = [m for n, m in scope.named_modules()
             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in names]
     if not mods:
-        raise ValueError(f"restore.modules={list(names)} matches no Linear module of the model")
+        raise ConfigError(f"restore.modules={list(names)} matches no Linear module of the model "
+                          "(names are the last part of a module's name, e.g. q_proj, down_proj)")
     return mods
 
 
