@@ -335,3 +335,10 @@ def test_multirun_sh_reports_despite_a_failed_job(tmp_path):
     assert "| SFT |" in md and "| GDRO | — | — |" in md
     assert "alignment trained 1×" in md  # only SFT aligned; gdro failed before training
     assert (report.parent / "report.png").is_file()
+
+
+def test_row_labels_keep_keys_with_one_last_name_apart():
+    from vaa.report.table import short_names
+    assert short_names(["align.lr", "attack.lr", "trainer.precision"]) == {
+        "align.lr": "align.lr", "attack.lr": "attack.lr", "trainer.precision": "precision"}
+    assert short_names(["attack.epochs"]) == {"attack.epochs": "epochs"}

@@ -67,7 +67,23 @@ def row_label(job: Job, settings: list[str]) -> str:
         label += f"+{job.ft_defense}"
     if job.restore not in (None, "none"):
         label += f"+{job.restore}"
-    return label + "".join(f" {k.rsplit('.', 1)[-1]}={job.setting(k)}" for k in settings)
+    names = short_names(settings)
+    return label + "".join(f" {names[k]}={job.setting(k)}" for k in settings)
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each key's shortest dotted suffix that no other key in ``keys`` shares: ``align.lr``
+    and ``attack.lr`` stay apart (both would read ``lr=``), a lone ``trainer.precision`` reads
+    ``precision``."""
+    out = {}
+    for k in keys:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(o != k and (o == tail or o.endswith("." + tail)) for o in keys):
+                break
+        out[k] = tail
+    return out
 
 
 def column_label(job: Job, column_key: str) -> str:
