@@ -36,6 +36,7 @@ from importlib.util import find_spec
 from omegaconf import DictConfig, OmegaConf
 
 from vaa.config.checker import Checker, Problem
+from vaa.methods.precision import strategy_problems
 
 TYPICAL_WEIGHT = 1e-2  # |w| of a typical weight of a pretrained transformer (init std 0.02)
 MARGIN = 100           # refuse only when the average step is this far under the half-ULP floor
@@ -49,16 +50,10 @@ def check_precision_rules(cfg: DictConfig, classes: dict, problems: list[Problem
     root = Checker(cfg, "", problems)
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
     strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
-    if precision in ("16-mixed", "16"):
-        root.fail("trainer.precision", "fp16 mixed precision scales the loss, and every method's manual-"
-                                       "optimisation step would clip and combine scaled gradients; use "
-                                       "trainer.precision=bf16-mixed (or 32-true)")
+    named = {g: (cfg[g].name, cls) for g, cls in classes.items() if cls is not None}
+    for key, why in strategy_problems(precision, strategy, named):  # the stages' own rule
+        root.fail(key, why, precision if key == "trainer.precision" else strategy)
     sharded = "fsdp" in strategy.lower()
-    for group, cls in classes.items():
-        if sharded and cls is not None and not getattr(cls, "fsdp_safe", False):
-            root.fail("trainer.strategy", f"{group}={cfg[group].name} ({cls.__name__}) is not FSDP-correct (it keeps "
-                                          f"per-parameter snapshots or norms that would be per shard); use "
-                                          f"trainer=ddp, or trainer=gpu (with LoRA for a 7B model)", strategy)
     for recipe in RECIPES:
         opt = OmegaConf.select(cfg, f"{recipe}.optimizer")
         if opt not in EIGHT_BIT:

@@ -104,17 +104,32 @@ def check_realised(method: str, realised: float, cos: float, nominal: float, pre
         f"enough), LoRA (model.lora.enabled=true: fewer, larger entries), or a larger {knob}")
 
 
+def strategy_problems(precision: str, strategy: str, classes: dict) -> list[tuple[str, str]]:
+    """The precision / strategy combinations no method of this project runs correctly, as
+    (config key, requirement) pairs: ``16-mixed`` (manual optimisation: the clip and the
+    methods' gradient arithmetic would see GradScaler-scaled gradients) and FSDP for a class
+    that is not ``fsdp_safe`` (its parameter snapshots / norms would be per shard).
+    ``classes``: {group: (option name, class)}. One rule for the pre-flight validation
+    (vaa.config.precision_rules) and the stage's own check (:func:`check_strategy`)."""
+    out = []
+    if str(precision) in ("16-mixed", "16"):
+        out.append(("trainer.precision", "fp16 mixed precision scales the loss, and every method's "
+                    "manual-optimisation step would clip and combine scaled gradients; use "
+                    "trainer.precision=bf16-mixed (or 32-true)"))
+    if "fsdp" in str(strategy).lower():
+        for group, (name, cls) in classes.items():
+            if cls is not None and not getattr(cls, "fsdp_safe", False):
+                out.append(("trainer.strategy", f"{group}={name} ({cls.__name__}) is not FSDP-correct "
+                            "(it keeps per-parameter snapshots or norms that would be per shard); use "
+                            "trainer=ddp, or trainer=gpu (with LoRA for a 7B model)"))
+    return out
+
+
 def check_strategy(method, precision: str, strategy: str) -> None:
-    """Refuse the precision / strategy combinations no method of this project runs correctly:
-    ``16-mixed`` (manual optimisation: the clip and the methods' gradient arithmetic would see
-    GradScaler-scaled gradients) and FSDP for a method that is not ``fsdp_safe`` (its
-    parameter snapshots / norms would be per shard). Raises :class:`UserError`."""
+    """Raise :class:`UserError` for the first of :func:`strategy_problems` of ``method``."""
     name = getattr(method, "name", type(method).__name__)
-    if str(precision).startswith("16-mixed") or str(precision) == "16":
-        raise UserError(f"trainer.precision={precision}: fp16 mixed precision scales the loss, and "
-                        f"the manual-optimisation step of method {name} would clip and combine "
-                        f"scaled gradients; use trainer.precision=bf16-mixed (or 32-true)")
-    if "fsdp" in str(strategy).lower() and not getattr(method, "fsdp_safe", False):
-        raise UserError(f"trainer.strategy={strategy}: {name} is not FSDP-correct (it keeps "
-                        f"per-parameter snapshots or norms that would be per shard); use "
-                        f"trainer=ddp (or trainer=gpu with LoRA) for {name}")
+    problems = strategy_problems(precision, strategy, {"method": (name, type(method))})
+    if problems:
+        key, why = problems[0]
+        value = precision if key == "trainer.precision" else strategy
+        raise UserError(f"{key}={value}: {why}")
