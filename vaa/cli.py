@@ -72,13 +72,12 @@ def write_failure(run_dir: Path, exc: BaseException, cfg: DictConfig, job: dict)
 
 
 def running_stage(exc: BaseException) -> str | None:
-    """The pipeline stage (vaa.pipeline.run's ``stage(name, …)``) the exception went through."""
-    stage = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        if frame.f_code.co_name == "stage" and "name" in frame.f_locals \
-                and frame.f_code.co_filename.endswith(os.path.join("pipeline", "run.py")):
-            stage = frame.f_locals["name"]
-    return stage
+    """The pipeline stage the exception went through (``vaa.pipeline.run`` tags it as
+    ``vaa_stage``; Lightning's exit after a Ctrl-C carries the KeyboardInterrupt as context)."""
+    for e in (exc, exc.__context__):
+        if e is not None and getattr(e, "vaa_stage", None):
+            return e.vaa_stage
+    return None
 
 
 def is_interrupt(exc: BaseException) -> bool:

@@ -52,7 +52,13 @@ def _run(cfg: DictConfig, run_dir: str | Path, recheck_threads) -> dict:
         release_memory()
         t0 = time.perf_counter()
         mem = PeakMemory().start()
-        path, built = cache.get_or_create(ctx.keys[name], build, description=name, provenance=provenance)
+        try:
+            path, built = cache.get_or_create(ctx.keys[name], build, description=name,
+                                              provenance=provenance)
+        except BaseException as e:  # the CLI's failed.json / interrupted.json name the stage
+            if getattr(e, "vaa_stage", None) is None:
+                e.vaa_stage = name
+            raise
         ctx.dirs[name] = path
         mem.stop()
         for k, v in (("peak_rss_mb", mem.rss_mb), ("peak_gpu_mb", mem.gpu_mb)):
