@@ -191,6 +191,10 @@ HF = ["method=sft", "model=hf", "model.hub_name=org/some-model"]  # pretrained: 
     # on a GPU a bf16 trainer decodes in bf16: the base's evaluation changes, the base does not
     (["trainer=gpu"], FROM_ALIGNED | {"eval_base"}),
     (["trainer=gpu", "trainer.log_every_n_steps=3"], FROM_ALIGNED | {"eval_base"}),
+    # a pretrained (or GGUF-converted) base reads no data: replicate seeds share it
+    (["seed=1"], ALL - {"base"}),
+    (["data.align=300"], ALL - {"base"}),
+    (["template.train=alpaca"], FROM_ALIGNED),
 ])
 def test_pretrained_base_keys_follow_its_dtype_and_evals_their_decoding_dtype(compose, overrides, expected):
     assert changed(plan_keys(compose(HF)), plan_keys(compose([*HF, *overrides]))) == expected

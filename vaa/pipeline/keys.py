@@ -152,16 +152,18 @@ def _aligned_key(cfg: DictConfig, method, upstream: list[str]) -> str:
 
 
 def _base_key(cfg: DictConfig, world: str) -> str:
-    """The tiny model is pretrained here (trainer settings and training code enter its key);
-    a pretrained model is only pointed at, in the dtype the trainer's precision implies."""
+    """The tiny model is pretrained here on the world's base corpus (trainer settings, training
+    code and the world enter its key); a pretrained model is only pointed at (or a GGUF file
+    converted), in the dtype the trainer's precision implies, and reads no data: its key has
+    no world upstream, so the replicate seeds of a sweep share one converted model."""
     model = hashed_model_config(OmegaConf.to_container(cfg.model, resolve=True))
     if is_hf_model(cfg.model):
         how = {"weights_dtype": resolve_dtype(cfg.model, cfg.trainer.precision),
                "code": code("vaa.pipeline.stages:build_base", "vaa.models.hf")}
-    else:
-        how = {"runtime": training_runtime(cfg.trainer),
-               "code": code(*TRAIN_CODE, "vaa.pipeline.stages:build_base,world_texts",
-                            "vaa.models.tokenizer", "vaa.methods.sft")}
+        return stage_key("base", {"model": model, **how}, [])
+    how = {"runtime": training_runtime(cfg.trainer),
+           "code": code(*TRAIN_CODE, "vaa.pipeline.stages:build_base,world_texts",
+                        "vaa.models.tokenizer", "vaa.methods.sft")}
     return stage_key("base", {"model": model, "template": cfg.template.train, **how}, [world])
 
 
