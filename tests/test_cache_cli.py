@@ -105,8 +105,26 @@ def test_cache_dir_like_vaa(tmp_path, monkeypatch, capsys):
     entry(ArtifactCache(tmp_path / "a"), "world", {"n": 1})
     monkeypatch.setenv("VAA_CACHE_DIR", str(tmp_path / "a"))
     assert main(["ls"]) == 0 and "1 folders" in capsys.readouterr().out
+    (tmp_path / "b").mkdir()
     assert main(["ls", f"paths.cache_dir={tmp_path / 'b'}"]) == 0
     assert "0 folders" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", [["ls"], ["du"], ["gc"], ["rm", "base-"], ["prune", "--older-than", "7d"]])
+def test_a_missing_cache_folder_is_an_error_naming_it(tmp_path, monkeypatch, capsys, cmd):
+    """A mistyped root used to list "0 folders" (or "no cache entry matches") and exit 0."""
+    missing = tmp_path / "no" / "such"
+    rc = main(["--cache-dir", str(missing), *cmd])
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert rc == 2 and out.out == "" and len(lines) == 1, out
+    assert str(missing) in lines[0] and "does not exist" in lines[0] and "(--cache-dir)" in lines[0]
+    assert all(s in lines[0] for s in ("--cache-dir DIR", "VAA_CACHE_DIR=DIR", "paths.cache_dir=DIR"))
+    monkeypatch.setenv("VAA_CACHE_DIR", str(missing))
+    assert main(cmd) == 2 and "($VAA_CACHE_DIR)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([*cmd, f"paths.cache_dir={tmp_path / 'file'}"]) == 2
+    assert "(paths.cache_dir) is not a folder" in capsys.readouterr().err
 
 
 _KILLED_MID_SAVE = r"""

@@ -7,15 +7,17 @@
     vaa-cache prune [--older-than 7d] [--stage finetuned]
 
 The root is found as ``vaa`` finds it: ``--cache-dir DIR`` or ``paths.cache_dir=DIR`` (Hydra
-style, anywhere on the line), else ``$VAA_CACHE_DIR``, else ``~/.cache/vaa``. Removal is safe
-beside running jobs: see vaa/pipeline/cache_inventory.py. Exit codes: 0 ok, 2 user error, 1 a
-key could not be removed because a live process holds its lock.
+style, anywhere on the line), else ``$VAA_CACHE_DIR``, else ``~/.cache/vaa``. A root that
+does not exist (a mistyped ``--cache-dir``) is a user error naming the folder, not an empty
+cache. Removal is safe beside running jobs: see vaa/pipeline/cache_inventory.py. Exit codes:
+0 ok, 2 user error, 1 a key could not be removed because a live process holds its lock.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -162,10 +164,25 @@ def cmd_prune(cache: ArtifactCache, args) -> int:
 COMMANDS = {"ls": cmd_ls, "du": cmd_du, "gc": cmd_gc, "rm": cmd_rm, "prune": cmd_prune}
 
 
+def missing_root(root, args, hydra_dir: str | None) -> str | None:
+    """One line when the cache root is not a folder (naming it, where the name came from and
+    how to set it), else None."""
+    if root.is_dir():
+        return None
+    source = ("--cache-dir" if args.cache_dir else "paths.cache_dir" if hydra_dir
+              else "$VAA_CACHE_DIR" if os.environ.get("VAA_CACHE_DIR", "").strip() else "the default")
+    what = "is not a folder" if root.exists() else "does not exist"
+    return (f"vaa-cache {args.cmd}: the cache folder {root} ({source}) {what}; give the root your "
+            f"vaa runs use with --cache-dir DIR, VAA_CACHE_DIR=DIR or paths.cache_dir=DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     rest, hydra_dir = split_hydra_style(list(sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(rest)
     cache = ArtifactCache(resolve_cache_dir(args.cache_dir or hydra_dir))
+    if (problem := missing_root(cache.root, args, hydra_dir)) is not None:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.cmd](cache, args)
     except ValueError as e:
