@@ -168,7 +168,8 @@ class DataRules:
                                f"data.root=DIR (the folder holding {t.path})")
                 break
         for k in ("align_rows", "harmful_rows", "proxy_rows", "align_harmful_rows", "hs_rows", "base_rows"):
-            if k in data:
+            empty_base = k == "base_rows" and k in data and data[k].get("start") == 0 == data[k].get("stop")
+            if k in data and not empty_base:  # base_rows [0, 0): no base corpus (the schema's default)
                 slice_rule(d.at(k))
         d.count("fa_test_n", "task_rows", optional=True)
         d.count("train_tail", "task_train", "task_test")

@@ -5,6 +5,12 @@ count and its size, and as the last line one JSON object ``{"plan": …, "peak_g
 
     vaa-plan model=llama2_7b trainer=gpu method=vaa experiment=paper_llama2
     vaa-plan model=hf model.path=/models/qwen --compare sft,vaa,booster,vaccine,repnoise
+
+The composed config first goes through the pre-flight validation ``vaa`` runs
+(vaa.config.validate): a bad value or an override Hydra cannot apply prints the same one-line
+errors as ``vaa`` and exits 1, nothing is planned. One check is about the machine, not the
+config: a GPU trainer on a machine without CUDA (planning on a login node) is a note, not an
+error. Exit codes: 0 planned, 1 invalid config, 2 a config the planner cannot plan.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 
 from vaa.plan.memory import GB
 from vaa.plan.run import plan_run
@@ -35,6 +42,26 @@ def compose_config(overrides: list[str]):
             return compose("config", overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
+
+
+NO_CUDA_HERE = "no CUDA device is visible on this machine"  # vaa.config.validate.check_accelerator
+
+
+def validation_errors(overrides: list[str]) -> tuple[object, list[str], list[str]]:
+    """``(cfg, errors, notes)``: ``cfg`` composed as ``vaa`` composes it (None when Hydra cannot
+    apply an override), the one-line problems ``vaa`` would refuse the job with, and the
+    machine-dependent ones that only matter where the job runs."""
+    from vaa.config.validate import find_problems
+
+    try:
+        cfg = compose_config(overrides)
+    except HydraException as e:  # an unknown key, group option or malformed override
+        cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ is not None else ""
+        text = str(e).split("\nConfig search path")[0]
+        return None, [" ".join(text.split()) + cause], []
+    problems = [msg for _, msg in find_problems(cfg)]
+    notes = [m for m in problems if NO_CUDA_HERE in m]
+    return cfg, [m for m in problems if m not in notes], notes
 
 
 def print_stage(name: str, p: dict) -> None:
@@ -84,8 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                                                     "(e.g. sft,vaa,booster,vaccine,repnoise)")
     ap.add_argument("--runtime-gb", type=float, default=None, help="process overhead (default by accelerator)")
     args = ap.parse_args(argv)
+    cfg, errors, notes = validation_errors(args.overrides)
+    if errors:  # what `vaa` prints for the same overrides (vaa.errors.ConfigError)
+        n = len(errors)
+        print("\n".join([f"vaa-plan: invalid config: {n} problem{'s' if n != 1 else ''} (nothing was planned):",
+                         *(f"  {m}" for m in errors)]), file=sys.stderr)
+        return 1
+    if notes:
+        print(f"vaa-plan: note: {NO_CUDA_HERE}; planned for the GPU machine the job will run on",
+              file=sys.stderr)
     try:
-        cfg = compose_config(args.overrides)
         shapes = [preset(s) for s in args.shape.split(",")] if args.shape else [None]
         plan = plan_run(cfg, shapes[0], args.runtime_gb)
     except (ValueError, FileNotFoundError) as e:
