@@ -1,7 +1,8 @@
 """Find the jobs of one or more sweeps under a directory and read what each produced.
 
 A job is a directory with ``metrics.json`` (finished), ``failed.json`` (the job raised; see
-``vaa.cli``) or only Hydra's ``.hydra/config.yaml`` (killed, timed out, or still running).
+``vaa.cli``), ``interrupted.json`` (Ctrl-C or SIGTERM, e.g. a SLURM time-out, naming the stage)
+or only Hydra's ``.hydra/config.yaml`` (killed by SIGKILL, or still running).
 Labels (method, task, seed, settings) come from ``metrics.json`` when it exists and from
 the saved config otherwise, so a failed job still has a place in the table: an empty one.
 Nothing here raises on a broken job; it becomes a job with ``status != "ok"`` and an error.
@@ -32,7 +33,7 @@ IGNORED_PREFIXES = ("hydra", "paths", "logger", *(f"trainer.{k}" for k in RUN_ON
 @dataclass
 class Job:
     dir: Path
-    status: str  # ok | failed | incomplete
+    status: str  # ok | failed | interrupted | incomplete
     method: str | None = None
     ft_defense: str = "none"
     restore: str = "none"
@@ -68,7 +69,7 @@ class Job:
 
 
 def job_dirs(root: Path) -> list[Path]:
-    dirs = {p.parent for name in ("metrics.json", "failed.json") for p in root.rglob(name)}
+    dirs = {p.parent for name in ("metrics.json", "failed.json", "interrupted.json") for p in root.rglob(name)}
     dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
     # predictions/ or logs/ never hold these names; a wandb/ tree never either
     return sorted(dirs, key=lambda p: (len(p.parts), str(p)))
@@ -132,10 +133,21 @@ def read_job(d: Path) -> Job:
         rec, err = _read_json(d / "failed.json")
         job.status = "failed"
         job.error = (rec or {}).get("error") or err
-        for key in ("method", "task", "seed", "ft_defense"):
-            if getattr(job, key) in (None, "none") and (rec or {}).get(key) is not None:
-                setattr(job, key, rec[key])
+        _labels_from_record(job, rec)
+    elif (d / "interrupted.json").is_file():  # vaa.cli: Ctrl-C or SIGTERM, with the stage it stopped in
+        rec, err = _read_json(d / "interrupted.json")
+        stage = (rec or {}).get("stage")
+        job.status = "interrupted"
+        job.error = err or (f"interrupted ({(rec or {}).get('signal') or 'Ctrl-C'}) "
+                            + (f"during stage {stage!r}" if stage else "before the first stage"))
+        _labels_from_record(job, rec)
     return job
+
+
+def _labels_from_record(job: Job, rec: dict | None) -> None:
+    for key in ("method", "task", "seed", "ft_defense"):
+        if getattr(job, key) in (None, "none") and (rec or {}).get(key) is not None:
+            setattr(job, key, rec[key])
 
 
 def collect(root: str | Path) -> list[Job]:
@@ -151,8 +163,9 @@ def ignored(key: str) -> bool:
 
 
 def varying_settings(jobs: list[Job]) -> list[str]:
-    """Override keys (other than the row / column labels) whose value differs across jobs:
-    they must label rows or columns, or the table would average different settings."""
+    """Override keys (other than the row / column labels) whose value differs across ``jobs``
+    (the table passes its finished jobs only: a failed or interrupted job's override labels
+    nothing): they must label rows or columns, or the table would average different settings."""
     keys = sorted({k for j in jobs for k in j.overrides})
     keys = [k for k in keys if k not in IDENTITY_KEYS and not ignored(k)]
     return [k for k in keys if len({j.setting(k) for j in jobs}) > 1]

@@ -52,8 +52,12 @@ def status_markdown(t: Table) -> str:
     jobs = t.jobs
     ok = sum(j.ok for j in jobs)
     dup = sum(len(d) - 1 for d in t.duplicates)
+    counts = {word: sum(j.status == status for j in jobs) for status, word in
+              (("failed", "failed"), ("interrupted", "interrupted"), ("incomplete", "unfinished"))}
+    kinds = ", ".join(f"{n} {word}" for word, n in counts.items() if n)
     lines = [f"Jobs: {len(jobs)} found, {ok} finished, {len(jobs) - ok} failed or unfinished "
-             "(their cells are missing: —); "
+             + (f"({kinds}; " if kinds else "(")
+             + "their cells are missing: —); "
              f"{ok - dup} finished jobs in the table" + (f", {dup} counted once as reruns" if dup else "")
              + "."]
     if t.row_keys:

@@ -104,12 +104,13 @@ def _order(values, canonical=()) -> list[str]:
 
 
 def choose_columns(jobs: list[Job], columns: str | None) -> str:
-    """``task`` unless asked otherwise, or unless the sweep has one task and varies exactly
-    one other setting (a harmful-ratio or epoch sweep): then that setting."""
+    """``task`` unless asked otherwise, or unless the sweep's finished jobs have one task and
+    vary exactly one other setting (a harmful-ratio or epoch sweep): then that setting."""
     if columns:
         return columns
-    settings = varying_settings(jobs)
-    tasks = {j.task for j in jobs}
+    finished = [j for j in jobs if j.ok]
+    settings = varying_settings(finished)
+    tasks = {j.task for j in finished}
     return settings[0] if len(tasks) == 1 and len(settings) == 1 else "task"
 
 
@@ -134,11 +135,13 @@ def _mean_over_seeds(groups, value) -> Stat | None:
 def build_table(jobs: list[Job], columns: str | None = None, labels: tuple[str, ...] = ()) -> Table:
     """The table of ``jobs``; ``labels``: config keys to add to the row labels (beside the
     overrides that vary). Raises ``vaa.report.cells.ReportError`` when a cell would mix
-    jobs of different settings or a seed's reruns disagree."""
+    jobs of different settings or a seed's reruns disagree. The labels come from the finished
+    jobs (those with cells); a failed, interrupted or unfinished job only marks its cell missing."""
+    finished = [j for j in jobs if j.ok]
     column_key = choose_columns(jobs, columns)
-    settings = [k for k in varying_settings(jobs) if k != column_key]
+    settings = [k for k in varying_settings(finished) if k != column_key]
     settings += [k for k in labels if k not in settings and k != column_key]
-    if column_key != "task" and len({j.task for j in jobs}) > 1 and "task" not in settings:
+    if column_key != "task" and len({j.task for j in finished}) > 1 and "task" not in settings:
         settings.append("task")  # never average over tasks silently
     found = assign_cells(jobs, lambda j: row_label(j, settings), lambda j: column_label(j, column_key))
     cells = found.by_cell  # (row, col) → seed → job
