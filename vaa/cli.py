@@ -7,7 +7,11 @@ built), then runs the pipeline. How a job ends:
   ``failed.json`` and prints its message once, without a traceback, exit code 1
   (``HYDRA_FULL_ERROR=1`` shows the traceback);
 - any other exception is a bug: ``failed.json`` holds its traceback, Hydra prints it once;
-- Ctrl-C writes ``interrupted.json`` (the stage that was running), prints one line and exits 130.
+- Ctrl-C writes ``interrupted.json`` (the stage that was running), prints one line and exits 130;
+  SIGTERM (SLURM's time-out, ``kill``, a preemption) takes the same path (the stage's temp
+  folder removed, ``interrupted.json`` with ``"signal": "SIGTERM"``) and exits 143. Without
+  this a SIGTERM outside training killed the job with no record and its temp folder left, and
+  one inside Lightning's fit ended it with exit code 0 (Lightning's SIGTERMException).
 
 In a multirun, a failed job logs one line and the others go on; the sweep exits non-zero once
 all jobs ran (Hydra re-raises the first failure); `vaa-report` shows the failed job's cells as
@@ -19,7 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -36,6 +42,33 @@ log = logging.getLogger("vaa")
 # conf/ sits beside the package in the repository (installed editable: `pip install -e .`).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a job ends as it does for Ctrl-C (a
+    KeyboardInterrupt: Lightning shuts the trainer down, the cache removes the stage's temp
+    folder, :func:`run_job` writes ``interrupted.json``)."""
+
+
+def raise_on_sigterm():
+    """From now on SIGTERM raises :class:`Terminated` (once: a second SIGTERM during the
+    clean-up is ignored; SIGKILL still ends the process). Returns the previous handler for
+    :func:`restore_sigterm`; only the main thread can set a handler (elsewhere: nothing
+    changes, returns None)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def job_info(hc) -> dict:
@@ -81,19 +114,27 @@ def running_stage(exc: BaseException) -> str | None:
 
 
 def is_interrupt(exc: BaseException) -> bool:
-    """Ctrl-C: a KeyboardInterrupt, or Lightning's ``sys.exit(1)`` after catching one."""
-    return isinstance(exc, KeyboardInterrupt) or (
+    """Ctrl-C or SIGTERM: a KeyboardInterrupt (:class:`Terminated` too), Lightning's
+    ``sys.exit(1)`` after catching one, or Lightning's own ``SIGTERMException`` (a SystemExit
+    its fit loop raises after a SIGTERM no handler of ours turned into :class:`Terminated`)."""
+    return isinstance(exc, KeyboardInterrupt) or is_sigterm(exc) or (
         isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt))
+
+
+def is_sigterm(exc: BaseException) -> bool:
+    return any(isinstance(e, Terminated) or type(e).__name__ == "SIGTERMException"
+               for e in (exc, exc.__context__) if e is not None)
 
 
 def interrupted(exc: BaseException, cfg: DictConfig, job: dict) -> SystemExit:
     stage = running_stage(exc)
+    how = "SIGTERM" if is_sigterm(exc) else "Ctrl-C"
     path = write_record(Path(job["run_dir"]), "interrupted.json",
-                        job_record("interrupted", cfg, job, stage=stage))
+                        job_record("interrupted", cfg, job, stage=stage, signal=how))
     where = f"during stage {stage!r}" if stage else "before the first stage"
-    sys.stderr.write(f"vaa: interrupted {where} (Ctrl-C); record: {path}. A rerun reuses every "
+    sys.stderr.write(f"vaa: interrupted {where} ({how}); record: {path}. A rerun reuses every "
                      f"finished stage from the cache.\n")
-    return SystemExit(INTERRUPTED)
+    return SystemExit(TERMINATED if how == "SIGTERM" else INTERRUPTED)
 
 
 def run_job(cfg: DictConfig, job: dict) -> dict:
@@ -104,6 +145,7 @@ def run_job(cfg: DictConfig, job: dict) -> dict:
 
     run_dir = Path(job["run_dir"])
     tracker = None
+    previous_sigterm = raise_on_sigterm()  # restored in `finally`, after the record is written
     try:
         validate(cfg)  # every config problem at once, before anything is built
         from vaa.pipeline.run import run_pipeline  # heavy imports after the config is known good
@@ -135,6 +177,7 @@ def run_job(cfg: DictConfig, job: dict) -> dict:
         raise
     finally:
         set_active(None)
+        restore_sigterm(previous_sigterm)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
