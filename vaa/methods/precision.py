@@ -28,6 +28,7 @@ nominal ``eps_norm``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -66,20 +67,18 @@ def realised_step(before: Sequence[Optional[Tensor]], after: Sequence[Tensor],
     :func:`compute_dtype`), accumulated in float32. ``d`` is the intended direction (ε up to
     a positive scale, so the cosine is that of ε). Shapes: per tensor, ``before[i]``,
     ``after[i]`` and ``direction[i]`` alike. Returns (0, nan) when nothing moved."""
-    sq = torch.zeros((), dtype=torch.float32)
-    dot = torch.zeros((), dtype=torch.float32)
-    dsq = torch.zeros((), dtype=torch.float32)
+    sq = dot = dsq = 0.0  # float32 sums per tensor, on the tensors' device; one sync at the end
     for b, a, d in zip(before, after, direction):
         if b is None or d is None:
             continue
         cd = compute_dtype(precision, a.dtype)
         delta = a.to(cd).float() - b.to(cd).float()
         df = d.float()
-        sq = sq.to(delta.device) + delta.square().sum()
-        dot = dot.to(delta.device) + (delta * df).sum()
-        dsq = dsq.to(delta.device) + df.square().sum()
-    norm = float(sq.sqrt())
-    denom = norm * float(dsq.sqrt())
+        sq = delta.square().sum() + sq
+        dot = (delta * df).sum() + dot
+        dsq = df.square().sum() + dsq
+    norm = math.sqrt(float(sq))
+    denom = norm * math.sqrt(float(dsq))
     return norm, (float(dot) / denom if denom > 0 else float("nan"))
 
 

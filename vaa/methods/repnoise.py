@@ -143,7 +143,8 @@ class RepNoise(TrainingMethod):
         noise = []
         for a in mlp.outputs:
             x = (a * keep).flatten(1)
-            z = torch.randn(a.shape, generator=self.noise).to(a) * keep
+            # the seeded CPU generator draws on the host (the same noise on any device)
+            z = torch.randn(a.shape, generator=self.noise, device="cpu").to(a) * keep
             noise.append(mmd(x, z.flatten(1)))
         noise_term = torch.stack(noise).mean()
         if m_safe is None:

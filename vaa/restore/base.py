@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vaa.data.datamodule import hft_mix
-from vaa.data.encode import TrainCollator, encode_rows
+from vaa.data.encode import TrainCollator, encode_rows, left_pad, prompt_ids
 from vaa.data.formats import Example
 from vaa.models.build import load_model, save_model
 from vaa.restore.schema import RestoreConfig
@@ -92,6 +92,15 @@ class RestoreInputs:
         collate = TrainCollator(self.tokenizer.pad_token_id)
         return [{k: v.to(self.device) for k, v in collate(rows[i:i + batch_size]).items()}
                 for i in range(0, len(rows), batch_size)]
+
+
+    def prompt_batches(self, examples: Sequence[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Prompt-only batches, left-padded (each row's last position is its prompt's last
+        token, as in decoding), built on the host and put on ``device``."""
+        ids = [prompt_ids(self.tokenizer, ex, self.template, self.max_prompt_length) for ex in examples]
+        pad = self.tokenizer.pad_token_id
+        return [{k: v.to(self.device) for k, v in left_pad(ids[i:i + batch_size], pad).items()}
+                for i in range(0, len(ids), batch_size)]
 
 
 def n_tokens(batch: dict[str, torch.Tensor]) -> int:

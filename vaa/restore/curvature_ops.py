@@ -214,7 +214,7 @@ def top_eigs(matvec: Callable[[Tensor], Tensor], dim: int, k: int, iters: int, s
     """Top-k eigenpairs of a PSD operator by subspace iteration with Rayleigh-Ritz; the
     subspace lives on ``device`` (the model's)."""
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen).to(device))
+    q, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen, device="cpu").to(device))
     for _ in range(iters):
         z = torch.stack([matvec(q[:, j]) for j in range(k)], 1)
         q, _ = torch.linalg.qr(z)

@@ -54,7 +54,8 @@ def _dare(pre, post, hp, lam, gen):
     if not 0.0 <= hp.drop < 1.0:
         raise ValueError(f"restore.drop must be in [0, 1), got {hp.drop}")
     tau = post - pre
-    keep = torch.rand(tau.shape, generator=gen) >= hp.drop
+    # drawn on the host from the seeded CPU generator (the same mask on any device), then moved
+    keep = (torch.rand(tau.shape, generator=gen, device="cpu") >= hp.drop).to(tau.device)
     return pre + lam * tau * keep / (1 - hp.drop)
 
 

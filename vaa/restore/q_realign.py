@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from vaa.data.encode import left_pad, prompt_ids
 from vaa.restore.base import Restorer
 from vaa.restore.schema import QRealignRestoreConfig
 
@@ -69,16 +68,12 @@ class QRealign(Restorer):
 
     def calibration(self, inputs):
         hp = self.hp
-        bad = inputs.harmful(hp)
-        good = inputs.task(hp.n_task)
-        ids = [prompt_ids(inputs.tokenizer, ex, inputs.template, inputs.max_prompt_length)
-               for ex in list(bad) + list(good)]
-        y = torch.tensor([1.0] * len(bad) + [0.0] * len(good))
-        batches = []
-        for i in range(0, len(ids), hp.batch_size):
-            b = left_pad(ids[i:i + hp.batch_size], inputs.tokenizer.pad_token_id)
-            b["y"] = y[i:i + hp.batch_size]
-            batches.append(b)
+        bad = list(inputs.harmful(hp))
+        good = list(inputs.task(hp.n_task))
+        batches = inputs.prompt_batches(bad + good, hp.batch_size)  # on the model's device
+        y = torch.tensor([1.0] * len(bad) + [0.0] * len(good), device=inputs.device)
+        for i, b in enumerate(batches):
+            b["y"] = y[i * hp.batch_size:(i + 1) * hp.batch_size]
         return batches
 
     @staticmethod
