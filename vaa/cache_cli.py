@@ -3,14 +3,15 @@
     vaa-cache ls [--stage S] [--json]      every entry: key, stage, status, size, age, built by
     vaa-cache du                           totals per stage
     vaa-cache gc [--older-than 24h]        remove abandoned .tmp-* / .work-* folders
-    vaa-cache rm KEY [KEY ...]             remove entries (a unique key prefix is enough)
-    vaa-cache prune [--older-than 7d] [--stage finetuned]
+    vaa-cache rm KEY [KEY ...] [--force]   remove entries (a unique key prefix is enough)
+    vaa-cache prune [--older-than 7d] [--stage finetuned] [--force]
 
 The root is found as ``vaa`` finds it: ``--cache-dir DIR`` or ``paths.cache_dir=DIR`` (Hydra
 style, anywhere on the line), else ``$VAA_CACHE_DIR``, else ``~/.cache/vaa``. A root that
 does not exist (a mistyped ``--cache-dir``) is a user error naming the folder, not an empty
-cache. Removal is safe beside running jobs: see vaa/pipeline/cache_inventory.py. Exit codes:
-0 ok, 2 user error, 1 a key could not be removed because a live process holds its lock.
+cache. Removal is safe beside running jobs: see vaa/pipeline/cache_inventory.py. An entry a running job uses
+(vaa/pipeline/entry_users.py) or builds (its lock) is kept, naming that job's pid and host;
+``--force`` removes a used one anyway. Exit codes: 0 ok, 2 user error, 1 an entry was kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections import defaultdict
 
 from vaa.pipeline.cache import ArtifactCache, resolve_cache_dir
 from vaa.pipeline.cache_inventory import Item, collect, match_keys, remove, scan, status
+from vaa.pipeline.entry_users import in_use
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -66,6 +68,10 @@ def split_hydra_style(argv: list[str]) -> tuple[list[str], str | None]:
     return rest, cache_dir
 
 
+FORCE_HELP = ("remove an entry even when a running job uses it (that job then fails); an entry "
+              "being built (its lock held) is still kept")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaa-cache", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,10 +90,12 @@ def parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="remove entries by key (a unique prefix is enough)")
     rm.add_argument("keys", nargs="+")
     rm.add_argument("--dry-run", action="store_true")
+    rm.add_argument("--force", action="store_true", help=FORCE_HELP)
     pr = sub.add_parser("prune", help="remove complete entries by age and/or stage")
     pr.add_argument("--older-than", type=duration, default=None, help="e.g. 7d")
     pr.add_argument("--stage", default=None, help="e.g. finetuned, eval, eval_finetuned")
     pr.add_argument("--dry-run", action="store_true")
+    pr.add_argument("--force", action="store_true", help=FORCE_HELP)
     return p
 
 
@@ -99,7 +107,9 @@ def cmd_ls(cache: ArtifactCache, args) -> int:
     items = [i for i in scan(cache) if _stage_matches(i, args.stage)]
     for i in items:
         prov = i.provenance
-        row = {"key": i.key, "stage": i.description, "kind": i.kind, "status": status(i, 24 * 3600),
+        user = in_use(cache, i.key) if i.kind == "complete" else ""
+        row = {"key": i.key, "stage": i.description, "kind": i.kind,
+               "status": status(i, 24 * 3600) + (f", in use by {user}" if user else ""),
                "size_bytes": i.size, "age_s": round(i.age_s, 1), "overrides": prov.get("overrides"),
                "upstream": prov.get("upstream"), "builder": i.builder, "path": str(i.path)}
         if args.json:
@@ -146,7 +156,7 @@ def cmd_gc(cache: ArtifactCache, args) -> int:
 
 def cmd_rm(cache: ArtifactCache, args) -> int:
     chosen = match_keys(scan(cache), args.keys)
-    done, refused = remove(cache, chosen, dry_run=args.dry_run)
+    done, refused = remove(cache, chosen, dry_run=args.dry_run, force=args.force)
     _report([(i, "") for i in done], refused, "removed", args.dry_run)
     return 1 if refused else 0
 
@@ -156,7 +166,7 @@ def cmd_prune(cache: ArtifactCache, args) -> int:
         raise ValueError("prune needs --older-than (e.g. 7d) and/or --stage (e.g. finetuned)")
     chosen = [i for i in scan(cache) if i.kind in ("complete", "incomplete") and _stage_matches(i, args.stage)
               and (args.older_than is None or i.age_s > args.older_than)]
-    done, refused = remove(cache, chosen, dry_run=args.dry_run)
+    done, refused = remove(cache, chosen, dry_run=args.dry_run, force=args.force)
     _report([(i, f"{i.description}, {human_age(i.age_s)} old") for i in done], refused, "removed", args.dry_run)
     return 1 if refused else 0
 

@@ -5,6 +5,12 @@ an incomplete ``<key>/`` (no marker: never trusted, rebuilt on demand), a build 
 abandoned ``.tmp-<key>-<32 hex>/``, or a training stage's checkpoints ``.work-<key>/``.
 Removal always happens while holding ``<key>.lock`` (taken without waiting): a folder whose
 lock a live process holds is never touched, and no builder can start on that key meanwhile.
+
+A complete entry is read without its lock, so jobs also record the entries they use
+(vaa/pipeline/entry_users.py): ``rm``/``prune`` refuse an entry with a live user, naming its pid
+and host, unless ``force``. The entry is first renamed aside, then its users are read again (a
+job that looked the entry up in between wrote its record first): a job that found the entry
+never loses it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from vaa.pipeline.builders import builder_gone, idle_seconds, read_record
 from vaa.pipeline.cache import MARKER, PROVENANCE, TMP_PREFIX, WORK_PREFIX, ArtifactCache
+from vaa.pipeline.entry_users import collect_users, in_use
 
 _TMP = re.compile(rf"^{re.escape(TMP_PREFIX)}(?P<key>.+)-[0-9a-f]{{32}}$")
 _KEY = re.compile(r"^(?P<stage>[A-Za-z0-9_.\-]+)-[0-9a-f]{16}$")
@@ -123,6 +131,7 @@ def collect(cache: ArtifactCache, foreign_after_s: float, dry_run: bool = False
     """``vaa-cache gc``: remove temp and work folders whose builder is gone, incomplete
     entries, and work folders of keys already complete; never a complete entry, never a
     folder whose key's lock a live process holds. Returns ``(removed, kept)`` with reasons."""
+    collect_users(cache, foreign_after_s)
     complete = {i.key for i in scan(cache) if i.kind == "complete"}
     removed, kept = [], []
     for item in scan(cache):
@@ -148,20 +157,42 @@ def collect(cache: ArtifactCache, foreign_after_s: float, dry_run: bool = False
     return removed, kept
 
 
-def remove(cache: ArtifactCache, items: list[Item], dry_run: bool = False
+def remove(cache: ArtifactCache, items: list[Item], dry_run: bool = False, force: bool = False
            ) -> tuple[list[Item], list[tuple[Item, str]]]:
-    """Remove these entries (with their key's leftover work folder) under their locks."""
+    """Remove these entries (with their key's leftover work folder) under their locks; an
+    entry a live job uses (its ``.users`` record) is kept unless ``force``. Returns
+    ``(removed, [(kept, why)])``; ``why`` names the live pid and host."""
     done, refused = [], []
     for item in items:
         with key_lock(cache, item.key) as free:
             if not free:
-                refused.append((item, "its lock is held by a live process (being built or read)"))
+                refused.append((item, f"its lock is held by {lock_holder(cache, item.key)} (building it); "
+                                      "wait for it, or stop that job first"))
+                continue
+            if not force and (why := in_use(cache, item.key)):
+                refused.append((item, f"{why} uses it; --force removes it anyway (that job then fails)"))
                 continue
             if not dry_run:
-                shutil.rmtree(item.path, ignore_errors=True)
+                aside = cache.root / f"{TMP_PREFIX}{item.key}-{uuid.uuid4().hex}"
+                os.replace(item.path, aside)  # a job looking it up now finds nothing and rebuilds
+                if not force and (why := in_use(cache, item.key)):  # it found the entry just before
+                    os.replace(aside, item.path)
+                    refused.append((item, f"{why} uses it; --force removes it anyway (that job then fails)"))
+                    continue
+                shutil.rmtree(aside, ignore_errors=True)
                 shutil.rmtree(cache.root / f"{WORK_PREFIX}{item.key}", ignore_errors=True)
             done.append(item)
     return done, refused
+
+
+def lock_holder(cache: ArtifactCache, key: str) -> str:
+    """``pid N on host H`` of the live builder of ``key`` (its temp or work folder's record),
+    or ``a live process`` when no record names one."""
+    for folder in [*cache.root.glob(f"{TMP_PREFIX}{key}-*"), cache.root / f"{WORK_PREFIX}{key}"]:
+        rec = read_record(folder) if folder.is_dir() else None
+        if rec is not None and not builder_gone(folder, float("inf"))[0]:
+            return f"pid {rec['pid']} on host {rec['host']}"
+    return "a live process"
 
 
 def match_keys(items: list[Item], prefixes: list[str]) -> list[Item]:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from vaa.pipeline import stages as S
 from vaa.pipeline.cache import ArtifactCache, resolve_cache_dir
+from vaa.pipeline.entry_users import EntryUsers
 from vaa.pipeline.estimate import build_estimate
 from vaa.pipeline.keys import SFT_METHOD, plan_keys
 from vaa.pipeline.memory import PeakMemory
@@ -30,14 +31,17 @@ log = logging.getLogger(__name__)
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     """One job. Its compute threads follow pipeline/threads.py (re-checked at each stage's
     start); progress lines/bars follow the trainer config (training/progress.py); each
-    stage's peak memory goes into metrics.json's ``timing`` (pipeline/memory.py)."""
+    stage's peak memory goes into metrics.json's ``timing`` (pipeline/memory.py). Every cache
+    entry the job reaches is recorded as in use until it ends (pipeline/entry_users.py:
+    `vaa-cache rm` keeps it)."""
     quiet_libraries()
     progress.configure(cfg.trainer)
-    with job_threads(cfg.trainer) as recheck_threads:
-        return _run(cfg, run_dir, recheck_threads)
+    with job_threads(cfg.trainer) as recheck_threads, \
+            EntryUsers(run_dir=str(Path(run_dir).resolve())) as using:
+        return _run(cfg, run_dir, recheck_threads, using)
 
 
-def _run(cfg: DictConfig, run_dir: str | Path, recheck_threads) -> dict:
+def _run(cfg: DictConfig, run_dir: str | Path, recheck_threads, using: EntryUsers) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = ArtifactCache(resolve_cache_dir(cfg.paths.cache_dir))
@@ -53,6 +57,7 @@ def _run(cfg: DictConfig, run_dir: str | Path, recheck_threads) -> dict:
         t0 = time.perf_counter()
         mem = PeakMemory().start()
         try:
+            using.add(cache, ctx.keys[name])  # before the lookup: `vaa-cache rm` sees it from now on
             path, built = cache.get_or_create(ctx.keys[name], build, description=name,
                                               provenance=provenance)
         except BaseException as e:  # the CLI's failed.json / interrupted.json name the stage
