@@ -127,3 +127,15 @@ def test_entry_users_release_and_liveness(tmp_path):
         using.add(cache, "base-0000000000000001")  # once
         assert [u["pid"] for u in users(cache, "base-0000000000000001")] == [os.getpid()]
     assert users(cache, "base-0000000000000001") == [] and not (tmp_path / USERS / "base-0000000000000001").exists()
+
+
+def test_a_key_being_built_names_its_builder(tmp_path, capsys):
+    from filelock import FileLock
+
+    cache = ArtifactCache(tmp_path)
+    key = entry(cache, "finetuned", {"i": 3})
+    cache.work_dir(key)  # a training stage's checkpoints, with this process's builder record
+    with FileLock(str(cache.lock_path(key))):
+        rc, out = cli(capsys, tmp_path, "rm", "--force", key)
+    assert rc == 1 and cache.has(key)
+    assert f"its lock is held by pid {os.getpid()} on host {socket.gethostname()} (building it)" in out
