@@ -117,10 +117,11 @@ class EntryUsers:
     def release(self) -> None:
         for p in self.paths:
             p.unlink(missing_ok=True)
-            try:
-                p.parent.rmdir()
-            except OSError:
-                pass
+            for folder in (p.parent, p.parent.parent):  # .users/<key>, .users: only when empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         self.paths = []
 
     def __enter__(self) -> "EntryUsers":
