@@ -257,3 +257,25 @@ def test_pid_reuse_is_not_a_live_job(tmp_path):
     # our parent is alive, but a record with another start time is a reused pid: dead
     assert T._alive(os.getppid(), T._start_ticks(os.getppid()))
     assert not T._alive(os.getppid(), "1")
+
+
+def test_a_repair_writes_progress_lines_of_its_sequence_passes(caplog):
+    """A repair's length is unknown in advance: its lines count sequence passes (no total,
+    no '/0', no ETA) through ``Restorer.count``, and end with a 'done' line."""
+    import logging
+
+    from vaa.restore.base import Restorer
+    from vaa.training.progress import ProgressLine
+    r = Restorer.__new__(Restorer)
+    r.passes, r.progress = 0, None
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long)}
+    ticks = iter(range(0, 1000, 40))
+    with caplog.at_level(logging.INFO, logger="vaa.progress"):
+        with ProgressLine("restored", total=None, unit="sequence", tty=False, every_s=30,
+                          clock=lambda: next(ticks)) as r.progress:
+            r.count([batch], 2)
+            r.count([batch])
+    lines = [m.getMessage() for m in caplog.records]
+    assert r.passes == 12
+    assert lines[1].startswith("restored: sequence 8 |") and "/0" not in lines[1] and "ETA" not in lines[1]
+    assert lines[-1].startswith("restored: done, 12 sequences in")

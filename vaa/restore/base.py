@@ -33,6 +33,7 @@ from vaa.data.formats import Example
 from vaa.models.build import load_model, save_model
 from vaa.restore.schema import RestoreConfig
 from vaa.training.module import response_loss
+from vaa.training.progress import ProgressLine
 
 
 class RestoreInputs:
@@ -136,6 +137,7 @@ class Restorer:
     def __init__(self, **hparams):
         self.hp = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(self.schema), hparams))
         self.passes = 0  # sequence passes (forward, or forward + backward), for the cost column
+        self.progress = None  # a ProgressLine while the stage runs (restore_stage): lines in a log
         self.info: dict = {}  # method-specific diagnostics, written to restore.json
 
     def restore(self, model: torch.nn.Module, inputs: RestoreInputs) -> torch.nn.Module:
@@ -146,7 +148,10 @@ class Restorer:
         return {}
 
     def count(self, batches: Sequence[dict], times: int = 1) -> None:
-        self.passes += times * sum(int(b["input_ids"].shape[0]) for b in batches)
+        n = times * sum(int(b["input_ids"].shape[0]) for b in batches)
+        self.passes += n
+        if self.progress is not None:
+            self.progress.update(n)
 
 
 def restore_device(trainer_cfg) -> torch.device:
@@ -168,7 +173,11 @@ def restore_stage(cfg, source, dirs: dict[str, Path], out: Path, restorer: Resto
                            model_dirs={k: dirs[k] for k in restorer.reads})
     diagnostic = restorer.diagnose(model, inputs)
     t0 = time.perf_counter()
-    model = restorer.restore(model, inputs)
+    # a repair's length is not known in advance (trust-region backtracks, CG's early stop):
+    # lines count its sequence passes (``count``) and their rate, as training lines count steps
+    with ProgressLine("restored", total=None, unit="sequence") as restorer.progress:
+        model = restorer.restore(model, inputs)
+    restorer.progress = None
     record = {"method": restorer.hp.name, "wall_s": round(time.perf_counter() - t0, 3),
               "passes": restorer.passes, **restorer.info}
     if diagnostic:

@@ -157,8 +157,8 @@ class ProgressLine:
     def line(self, now: float | None = None) -> str:
         """``stage: step n/total (p%) loss x | s/step | ETA`` (the fields in insertion order)."""
         now = self.clock() if now is None else now
-        parts = [f"{self.stage}: {self.unit} {self.n}/{self.total}"
-                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
+        parts = [f"{self.stage}: {self.unit} {self.n}"
+                 + (f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else "")]
         parts[0] += "".join(f" {k} {_fmt_value(v)}" for k, v in self.fields.items())
         spi = self.seconds_per_item(now)
         if spi is not None:
