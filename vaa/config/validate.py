@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaa.config.checker import Checker, Problem
 from vaa.config.data_rules import DataRules
 from vaa.config.precision_rules import check_precision_rules
+from vaa.config.restore_rules import check_restore_memory
 from vaa.config.rules import GROUP_RULES, estimate, restore
 from vaa.errors import ConfigError
 
@@ -63,6 +64,8 @@ def find_problems(cfg: DictConfig) -> list[Problem]:
         restore(Checker(cfg.restore, "restore.", problems, cfg))
         check_restore_modules(Checker(cfg.restore, "restore.", problems, cfg), cfg)
         trained["restore"] = target_class(cfg.restore)
+        if not any(k.startswith("restore.") for k, _ in problems):
+            check_restore_memory(Checker(cfg.restore, "restore.", problems, cfg), cfg, trained["restore"])
     check_precision_rules(cfg, trained, problems)
     check_task_format(cfg, problems)
     data = DataRules(cfg, problems)

@@ -73,7 +73,7 @@ def print_stage(name: str, p: dict) -> None:
     for t in p["terms"]:
         print(f"  {t.name:<20} {t.formula:<34} {t.bytes / GB:>9.2f}")
     print(f"  {'runtime':<20} {'(process / CUDA context)':<34} {p['terms_gb']['runtime']:>9.2f}")
-    print(f"  {'peak':<20} {'static + max(forward, gradients)':<34} {p['peak_gb']:>9.2f}")
+    print(f"  {'peak':<20} {p.get('peak_formula', 'static + max(forward, gradients)'):<34} {p['peak_gb']:>9.2f}")
     if p.get("pageable_gb"):
         print(f"  {'GPU-resident min.':<20} {'peak − paged optimizer state':<34} {p['peak_gb'] - p['pageable_gb']:>9.2f}")
 

@@ -8,7 +8,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from vaa.plan.footprints import footprint
-from vaa.plan.memory import plan_stage
+from vaa.plan.memory import CPU_RUNTIME_GB, GB, GPU_RUNTIME_GB, Term, plan_stage
 from vaa.plan.shapes import Shape, shape_for
 
 
@@ -48,6 +48,23 @@ def stage_settings(cfg: DictConfig) -> list[dict]:
     return out
 
 
+def plan_restore(shape: Shape, restore: dict, length: int, runtime_gb: float | None,
+                 accelerator: str) -> dict:
+    """The repair stage's plan, from its class's ``plan_terms`` (the terms it allocates:
+    model, vectors, one product), in ``plan_stage``'s format."""
+    cls = get_class(restore["_target_"])
+    hp = {k: v for k, v in restore.items() if k != "_target_"}
+    terms = [Term(*t) for t in cls.plan_terms(shape, hp, length)]
+    rt = runtime_gb if runtime_gb is not None else (CPU_RUNTIME_GB if accelerator == "cpu" else GPU_RUNTIME_GB)
+    peak = sum(t.bytes for t in terms) / GB + rt
+    return {"method": f"restore={restore.get('name', cls.__name__)}", "shape": shape.name,
+            "P": shape.params(), "P_t": 0, "precision": "32-true", "batch": restore.get("batch_size"),
+            "length": length, "lora": False, "gradient_checkpointing": False, "optimizer": "none",
+            "pageable_gb": 0.0, "terms": terms, "terms_gb": {t.name: t.bytes / GB for t in terms} | {"runtime": rt},
+            "peak_gb": peak, "static_gb": 0.0, "peak_formula": "sum of the terms",
+            "note": "no training: model, vectors, one curvature product"}
+
+
 def plan_run(cfg: DictConfig, shape: Shape | None = None, runtime_gb: float | None = None,
              only: tuple[str, ...] = (), lora: bool | None = None) -> dict:
     """``{"model", "P", "stages": {stage: plan_stage(...)}, "peak_gb", "peak_stage"}``; ``lora``
@@ -68,6 +85,10 @@ def plan_run(cfg: DictConfig, shape: Shape | None = None, runtime_gb: float | No
             runtime_gb=runtime_gb, accelerator=str(trainer.accelerator),
             devices=int(trainer.devices) if str(trainer.devices).isdigit() else 1,
             sharded="fsdp" in str(trainer.strategy))
+    restore = OmegaConf.to_container(cfg.restore, resolve=True) if cfg.get("restore") else {}
+    if restore.get("_target_") and hasattr(get_class(restore["_target_"]), "plan_terms"):
+        stages["restored"] = plan_restore(shape, restore, int(model.max_length), runtime_gb,
+                                          str(trainer.accelerator))
     peak_stage = max(stages, key=lambda k: stages[k]["peak_gb"])
     return {"model": shape.name, "P": shape.params(), "stages": stages,
             "peak_gb": stages[peak_stage]["peak_gb"], "peak_stage": peak_stage}

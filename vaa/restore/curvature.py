@@ -30,6 +30,7 @@ import logging
 import math
 
 import torch
+from omegaconf import OmegaConf
 
 from vaa.errors import ConfigError
 from vaa.restore import curvature_ops as C
@@ -174,6 +175,32 @@ def influence_n(configured: int | None, attack_n: int | None) -> int:
 class CurvatureRestore(Restorer):
     schema = CurvatureRestoreConfig
     reads = ("aligned",)  # θ_0, for the geometry diagnostic only
+
+    @classmethod
+    def plan_terms(cls, shape, hp, length: int, response_fraction: float = 0.5) -> list[tuple]:
+        """``vaa-plan``'s terms for this repair on a model of ``shape`` (vaa.plan.shapes),
+        ``(name, formula, bytes)``: the model in fp32, the backend's vectors over
+        ``restore.modules`` (:func:`memory_plan`) and one curvature product at
+        ``restore.batch_size`` rows of ``length`` tokens (:func:`hvp_batch_bytes`)."""
+        from types import SimpleNamespace
+        cfg = OmegaConf.merge(OmegaConf.structured(cls.schema), hp)
+        dims = shape.linear_dims()
+        numel = shape.layers * sum(a * b for n, (a, b) in dims.items() if n in cfg.modules)
+        fake = SimpleNamespace(numel=lambda n=numel: n)
+        vec = memory_plan([fake], [], cfg)
+        if cfg.curvature.backend == "kfac":
+            vec = memory_plan([fake], [SimpleNamespace(in_features=a, out_features=b)
+                                       for _ in range(shape.layers)
+                                       for n, (a, b) in dims.items() if n in cfg.modules], cfg)
+        rows = int(cfg.batch_size)
+        labels = torch.full((rows, length), -100)
+        labels[:, length - int(response_fraction * length):] = 0
+        model = SimpleNamespace(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                                num_hidden_layers=shape.layers, vocab_size=shape.vocab)
+        hvp = hvp_batch_bytes(model, {"input_ids": torch.empty(rows, length), "labels": labels})
+        return [("weights", "P·4", shape.params() * 4),
+                ("curvature vectors", f"{vec['vectors']}·P_r·4", vec["gb"] * 2**30),
+                ("curvature product", "b·T·L·2a(h,I) + b·T_r·8V·4", hvp)]
 
     def setup(self, model, inputs):
         hp = self.hp
