@@ -179,9 +179,13 @@ class EXP3Sampler:
         qk = self._q[k]
         if qk <= 0.0:
             raise ValueError(f"group {k} has q = 0 and cannot have been drawn; its importance weight is undefined")
-        logw = [_log(qi) for qi in self._q]
-        logw[k] += self.eta * L / qk
-        self._q = _normalise_log(logw)
+        reward = self.eta * L / qk
+        if reward == math.inf:  # q_k subnormal (possible without a clip): η·L/q_k overflows; the
+            self._q = [1.0 if i == k else 0.0 for i in range(self.num_groups)]  # limit is the vertex k
+        else:
+            logw = [_log(qi) for qi in self._q]
+            logw[k] += reward
+            self._q = _normalise_log(logw)
         self._apply_clip()
         self.num_updates += 1
 
