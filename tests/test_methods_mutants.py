@@ -1,0 +1,655 @@
+"""Edges of the alignment methods (the files directly in vaa/methods/) that mutation testing
+found unchecked (issue 15; specs/vaa.md §3, specs/baselines.md). Each test asserts what the
+spec or the docstring says; its docstring names the mutmut mutants it kills where useful.
+
+Measuring (mutmut 3.8, one child): in a copy of the checkout (without .venv, outputs, .git)
+append to pyproject.toml
+
+    [tool.mutmut]
+    source_paths = ["vaa"]
+    only_mutate = ["vaa/methods/vaa.py", "vaa/methods/booster.py", "vaa/methods/vaccine.py",
+                   "vaa/methods/repnoise.py", "vaa/methods/lisa.py", "vaa/methods/ema.py",
+                   "vaa/methods/lookahead.py", "vaa/methods/gdro.py", "vaa/methods/perturb.py",
+                   "vaa/methods/grads.py", "vaa/methods/precision.py", "vaa/methods/hooks.py",
+                   "vaa/methods/base.py", "vaa/methods/sft.py", "vaa/methods/none.py"]
+    pytest_add_cli_args_test_selection = ["tests/test_methods_mutants.py", "tests/test_baselines.py",
+        "tests/test_vaa_method.py", "tests/test_precision.py", "tests/test_method_devices.py",
+        "tests/test_perturb.py", "tests/test_method_none.py"]
+    also_copy = ["conf", "benchmarks"]
+
+then ``OMP_NUM_THREADS=1 mutmut run --max-children 1 ["vaa.methods.perturb.*" ...]`` and
+``mutmut results --all true``. Scores before / after: see the commit message.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vaa.config.checker import Checker
+from vaa.methods import precision as prec
+from vaa.methods.grads import (clip_global_, global_norm, grad_norm, is_sharded, mix_grads,
+                               sharded_norm, stash_grads, trainable_params)
+from vaa.methods.perturb import SAMPerturber, WeightPerturbation, perturb_weights
+
+
+# ------------------------------------------------------------------ config range checks --
+def _problems(cls, **values):
+    node = OmegaConf.merge(OmegaConf.structured(cls), values)
+    out: list = []
+    cls.check(Checker(node, "m.", out))
+    return [k for k, _ in out]
+
+
+def _cfg(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"vaa.methods.{module}"), name)
+
+
+# (module, class, overrides, the keys that must be reported; [] = accepted)
+CHECKS = [
+    ("booster", "BoosterMethodConfig", {}, []),
+    ("booster", "BoosterMethodConfig", {"lam": -0.1}, ["m.lam"]),
+    ("booster", "BoosterMethodConfig", {"alpha": -0.1}, ["m.alpha"]),
+    ("booster", "BoosterMethodConfig", {"vaccine_rho": -0.1}, ["m.vaccine_rho"]),
+    ("booster", "BoosterMethodConfig", {"lam": 0.0, "alpha": 0.0, "vaccine_rho": 0.0}, []),
+    ("booster", "BoosterMethodConfig", {"harmful_batch_size": 0}, ["m.harmful_batch_size"]),
+    ("booster", "BoosterMethodConfig", {"harmful_batch_size": 1}, []),
+    ("booster", "BoosterMethodConfig", {"harmful_batch_size": None}, []),
+    ("booster", "BoosterMethodConfig", {"variant": "vaa_sign_bug"}, []),
+    ("booster", "BoosterMethodConfig", {"variant": "typo"}, ["m.variant"]),
+    ("vaccine", "VaccineMethodConfig", {"rho": -1.0}, ["m.rho"]),
+    ("vaccine", "VaccineMethodConfig", {"rho": 0.0}, []),
+    ("ema", "EMAConfig", {}, []),
+    ("ema", "EMAConfig", {"beta": 1.0}, ["m.beta"]),
+    ("ema", "EMAConfig", {"beta": 0.0}, []),
+    ("ema", "EMAConfig", {"beta": -0.01}, ["m.beta"]),
+    ("ema", "EMAConfig", {"variant": "write_back"}, []),
+    ("ema", "EMAConfig", {"variant": "typo"}, ["m.variant"]),
+    ("ema", "EMAConfig", {"anchor_weight_at_end": 0.0}, ["m.anchor_weight_at_end"]),
+    ("ema", "EMAConfig", {"anchor_weight_at_end": 1.0}, ["m.anchor_weight_at_end"]),
+    ("ema", "EMAConfig", {"anchor_weight_at_end": 0.5}, []),
+    ("lisa", "LisaConfig", {}, []),
+    ("lisa", "LisaConfig", {"align_steps": 0}, []),
+    ("lisa", "LisaConfig", {"finetune_steps": 0}, []),
+    ("lisa", "LisaConfig", {"min_cycles": 0}, []),
+    ("lisa", "LisaConfig", {"align_steps": -1}, ["m.align_steps"]),
+    ("lisa", "LisaConfig", {"finetune_steps": -1}, ["m.finetune_steps"]),
+    ("lisa", "LisaConfig", {"min_cycles": -1}, ["m.min_cycles"]),
+    ("lisa", "LisaConfig", {"align_steps": 0, "finetune_steps": 0}, ["m.align_steps"]),
+    ("lisa", "LisaConfig", {"rho": -0.5}, ["m.rho"]),
+    ("lisa", "LisaConfig", {"rho": 0.0, "warmup_fraction": 0.0}, []),
+    ("lisa", "LisaConfig", {"warmup_fraction": 1.0}, []),
+    ("lisa", "LisaConfig", {"warmup_fraction": 1.5}, ["m.warmup_fraction"]),
+    ("lisa", "LisaConfig", {"warmup_fraction": -0.1}, ["m.warmup_fraction"]),
+    ("lookahead", "LookAheadConfig", {}, []),
+    ("lookahead", "LookAheadConfig", {"mode": "virtual"}, []),
+    ("lookahead", "LookAheadConfig", {"mode": "imaginary"}, ["m.mode"]),
+    ("lookahead", "LookAheadConfig", {"preview_tokens": 0}, []),
+    ("lookahead", "LookAheadConfig", {"preview_tokens": -1}, ["m.preview_tokens"]),
+    ("repnoise", "RepNoiseMethodConfig", {}, []),
+    ("repnoise", "RepNoiseMethodConfig", {"noise_weight": -1.0}, ["m.noise_weight"]),
+    ("repnoise", "RepNoiseMethodConfig", {"ascent_weight": -1.0}, ["m.ascent_weight"]),
+    ("repnoise", "RepNoiseMethodConfig", {"noise_weight": 0.0, "ascent_weight": 0.0}, []),
+    ("repnoise", "RepNoiseMethodConfig", {"mask": "diff_tokens", "layer_average": "upstream"}, []),
+    ("repnoise", "RepNoiseMethodConfig", {"mask": "typo"}, ["m.mask"]),
+    ("repnoise", "RepNoiseMethodConfig", {"layer_average": "typo"}, ["m.layer_average"]),
+]
+
+
+@pytest.mark.parametrize("module,name,values,keys", CHECKS,
+                         ids=[f"{c[1]}-{'-'.join(f'{k}={v}' for k, v in c[2].items()) or 'defaults'}"
+                              for c in CHECKS])
+def test_schema_checks_report_exactly_the_bad_keys(module, name, values, keys):
+    """The range rules of each method's schema (kills the ``…Configǁcheck`` mutants: key names,
+    bounds, open/closed ends)."""
+    assert _problems(_cfg(module, name), **values) == keys
+
+
+# -------------------------------------------------------------------------- precision.py --
+def test_precision_of_reads_the_trainer_and_defaults_to_32_true():
+    """precision_of: no trainer → ``32-true``; else ``str(trainer.precision)``."""
+    assert prec.precision_of(SimpleNamespace()) == "32-true"
+    assert prec.precision_of(SimpleNamespace(_trainer=None)) == "32-true"
+    assert prec.precision_of(SimpleNamespace(_trainer=SimpleNamespace(precision="bf16-mixed"))) == "bf16-mixed"
+
+
+def test_check_realised_treats_a_nan_cosine_as_nothing_moved():
+    """cos = NaN means nothing moved (realised_step's contract): refused, and the message shows
+    cosine 0.00 (mutants setting NaN → 1.0 or leaving NaN)."""
+    with pytest.raises(prec.PerturbationRoundedAway, match=r"cosine 0\.00"):
+        prec.check_realised("method=x", 1.0, float("nan"), 1.0, "bf16-true", "k.rho")
+    prec.check_realised("method=x", 0.0, float("nan"), 0.0, "bf16-true", "k.rho")  # nominal 0: nothing to apply
+
+
+@pytest.mark.parametrize("realised,cos,nominal,ok", [
+    (1.0, 0.5, 1.0, True),     # exactly at both limits: accepted (>=, not >)
+    (2.0, 0.5, 3.0, False),    # along = 1.0 < 1.5: refused (realised·cos, not realised/cos)
+    (1.0, 0.6, 1.5, False),    # along = 0.6 < 0.75 (cos enters the product, not max(cos, 1))
+    (10.0, 0.1, 1.0, False),   # long but off-direction: cos < 0.5 refuses on its own
+    (0.0, 0.0, 0.0, True),     # nominal 0: nothing to check
+    (0.3, 0.9, 0.0, True),
+])
+def test_check_realised_needs_along_and_cosine_both_at_half(realised, cos, nominal, ok):
+    """check_realised: accept iff nominal <= 0 or (realised·max(cos,0) >= 0.5·nominal and
+    cos >= 0.5) (precision.py docstring)."""
+    if ok:
+        prec.check_realised("method=x", realised, cos, nominal, "bf16-true", "k.rho")
+    else:
+        with pytest.raises(prec.PerturbationRoundedAway):
+            prec.check_realised("method=x", realised, cos, nominal, "bf16-true", "k.rho")
+
+
+def test_check_realised_message_names_the_share_along_epsilon_and_the_knob():
+    with pytest.raises(prec.PerturbationRoundedAway) as e:
+        prec.check_realised("method=booster", 10.0, 0.4, 1.0, "bf16-true", "method.alpha")
+    msg = str(e.value)
+    assert "(400% along it; at least 50% and cosine 0.5 needed)" in msg
+    assert msg.startswith("method=booster: in trainer.precision=bf16-true the perturbation of nominal norm 1 ")
+    assert "applied as 10 at cosine 0.40" in msg and msg.endswith("or a larger method.alpha")
+    with pytest.raises(prec.PerturbationRoundedAway, match=r"\(20% along it"):
+        prec.check_realised("method=x", 0.4, 1.0, 2.0, "bf16-true", "k")
+
+
+# ---------------------------------------------------------------------------- perturb.py --
+def _params_with_grads(seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(3, 4, generator=g).to(dtype)),
+          torch.nn.Parameter(torch.randn(5, generator=g).to(dtype))]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(dtype)
+    return ps
+
+
+def test_sam_perturber_dedupes_tied_parameters_once_each():
+    """specs/vaa.md §3.3: ε over every trainable tensor once; a tied weight listed twice would
+    be moved twice (the ``_dedupe`` mutants)."""
+    a, b = _params_with_grads()
+    sam = SAMPerturber([a, b, a, b, a], rho=0.4)
+    assert len(sam.params) == 2 and sam.params[0] is a and sam.params[1] is b
+
+
+def test_sam_perturber_starts_with_nan_stats_and_empty_buffers():
+    a, b = _params_with_grads()
+    sam = SAMPerturber([a, b], rho=0.4)
+    for v in (sam.last_eps_norm, sam.last_grad_norm, sam.last_realised_norm, sam.last_realised_cos):
+        assert isinstance(v, float) and math.isnan(v)
+    assert sam.buffers == [None, None] and sam.grad_buffers == [None, None]
+    assert sam.copied_numel == 0 and sam.buffer_numel == 0
+
+
+def test_sam_perturber_stashes_g0_in_its_own_buffers():
+    """SAMPerturber.stash_grads: ``stash_grads(self.params, out=self.grad_buffers)``."""
+    a, b = _params_with_grads()
+    sam = SAMPerturber([a, b], rho=0.4)
+    g0 = sam.stash_grads()
+    assert g0[0] is sam.grad_buffers[0] and g0[1] is sam.grad_buffers[1]
+    assert torch.equal(g0[0], a.grad) and g0[0] is not a.grad
+
+
+def test_sam_perturber_passes_eps_restore_direction_and_norm_to_each_step():
+    """perturbed(direction, grad_norm_value) and the owner's eps / restore reach the step:
+    θ ← θ + ρ·d/(‖d‖_given + eps)."""
+    a, b = _params_with_grads()
+    before = [a.detach().clone(), b.detach().clone()]
+    d = [torch.ones_like(a), None]
+    sam = SAMPerturber([a, b], rho=0.4, eps=0.5)
+    with sam.perturbed(direction=d, grad_norm_value=3.0) as step:
+        assert step.scale == pytest.approx(0.4 / 3.5)
+        assert torch.allclose(a, before[0] + 0.4 / 3.5)
+        assert torch.equal(b, before[1])  # no direction: untouched
+    assert sam.last_grad_norm == 3.0 and sam.last_eps_norm == pytest.approx(0.4 * 3.0 / 3.5)
+    assert torch.equal(a, before[0])
+    # subtract restore: the buffers hold ε (not θ) while perturbed
+    sam = SAMPerturber([a, b], rho=0.4, restore="subtract")
+    with sam.perturbed():
+        eps = [0.4 * p.grad / (float(global_norm([a.grad, b.grad])) + 1e-7) for p in (a, b)]
+        assert torch.allclose(sam.buffers[0], eps[0]) and torch.allclose(sam.buffers[1], eps[1])
+
+
+def test_perturb_weights_defaults_and_forwarded_arguments():
+    """perturb_weights: ρ defaults to 0.05; ``buffers`` is filled in place; ``grad_norm_value``
+    replaces the computed norm."""
+    a, b = _params_with_grads()
+    n = float(global_norm([a.grad, b.grad]))
+    with perturb_weights([a, b]) as info:
+        assert info.eps_norm == pytest.approx(0.05 * n / (n + 1e-7))
+        assert info.rho == 0.05
+    bufs = [None, None]
+    with perturb_weights([a, b], rho=0.4, buffers=bufs, grad_norm_value=2 * n) as info:
+        assert info.buffers is bufs and bufs[0] is not None and bufs[1] is not None
+        assert info.grad_norm == pytest.approx(2 * n) and info.scale == pytest.approx(0.4 / (2 * n + 1e-7))
+    with perturb_weights([a, b], rho=0.4, eps=1.0) as info:
+        assert info.scale == pytest.approx(0.4 / (n + 1.0))
+
+
+def test_restore_buffers_of_another_dtype_or_shape_are_replaced():
+    """_buffer: a given buffer is reused only when shape, dtype and device all match; else a
+    fresh one is allocated, so the restore stays bit-identical."""
+    a, b = _params_with_grads()
+    before = [a.detach().clone(), b.detach().clone()]
+    bufs = [torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(2)]
+    with perturb_weights([a, b], rho=0.4, buffers=bufs):
+        assert bufs[0].dtype == torch.float32 and bufs[1].shape == (5,)
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+
+
+def test_a_perturbation_can_be_entered_again_after_exit_but_not_nested():
+    a, b = _params_with_grads()
+    before = a.detach().clone()
+    wp = perturb_weights([a, b], rho=0.4)
+    with wp:
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            wp.__enter__()
+    with wp:
+        assert not torch.equal(a, before)
+    assert torch.equal(a, before)
+
+
+# ------------------------------------------------------------------------------ grads.py --
+def test_trainable_params_skip_frozen_ones():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    m[0].weight.requires_grad_(False)
+    assert trainable_params(m) == [m[0].bias, m[1].weight, m[1].bias]
+
+
+def test_global_norm_is_float32_over_present_tensors_and_zero_for_none():
+    z = global_norm([None, None])
+    assert z.dtype == torch.float32 and z.shape == () and float(z) == 0.0
+    t = [torch.tensor([3.0], dtype=torch.bfloat16), None, torch.tensor([[4.0]], dtype=torch.bfloat16)]
+    n = global_norm(t)
+    assert n.dtype == torch.float32 and float(n) == 5.0
+    a, b = _params_with_grads()
+    assert float(grad_norm([a, b])) == pytest.approx(math.sqrt(float(a.grad.square().sum() + b.grad.square().sum())))
+
+
+def test_stash_grads_copies_into_reusable_buffers_and_checks_out():
+    a, b = _params_with_grads()
+    c = torch.nn.Parameter(torch.zeros(2))  # no gradient
+    out = [None, None, None]
+    s = stash_grads([a, b, c], out=out)
+    assert s[2] is None and out[2] is None and s[0] is out[0] and s[1] is out[1]
+    assert torch.equal(s[0], a.grad) and s[0].data_ptr() != a.grad.data_ptr()
+    first = out[0]
+    a.grad = a.grad * 2
+    s2 = stash_grads([a, b, c], out=out)
+    assert s2[0] is first and torch.equal(first, a.grad)  # same buffer, new contents
+    with pytest.raises(ValueError, match="out has 2 entries for 3 params"):
+        stash_grads([a, b, c], out=[None, None])
+    d1 = stash_grads([a])[0]  # the default: one buffer per parameter, kept
+    assert stash_grads([a])[0] is d1 and torch.equal(d1, a.grad)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_mix_grads_handles_missing_gradients_on_either_side(lam):
+    """G = (1−λ)G0 + λG1 with a missing gradient counting as zero (grads.py)."""
+    p, q, r = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    g0p, g1p, g0q = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, 0.5, 4.0]), torch.tensor([2.0, 2.0, 2.0])
+    p.grad, q.grad, r.grad = g1p.clone(), None, g1p.clone()
+    mix_grads([p, q, r], [g0p.clone(), g0q.clone(), None], lam)
+    assert torch.allclose(p.grad, (1 - lam) * g0p + lam * g1p)
+    assert torch.allclose(q.grad, (1 - lam) * g0q)
+    assert torch.allclose(r.grad, lam * g1p)
+    with pytest.raises(ValueError, match="stashed has 1 entries for 2 params"):
+        mix_grads([p, q], [None], lam)
+
+
+def _module_with_strategy(name):
+    return SimpleNamespace(_trainer=SimpleNamespace(strategy=type(name, (), {})()))
+
+
+def test_is_sharded_only_for_fsdp_and_model_parallel_strategies():
+    assert not is_sharded(SimpleNamespace())
+    assert not is_sharded(SimpleNamespace(_trainer=None))
+    assert is_sharded(_module_with_strategy("FSDPStrategy"))
+    assert is_sharded(_module_with_strategy("ModelParallelStrategy"))
+    assert not is_sharded(_module_with_strategy("DDPStrategy"))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_global_sharded_path_matches_clip_grad_norm_in_one_process(max_norm):
+    """Without an initialised process group the sharded path is the plain clip:
+    coefficient max_norm/(norm+1e-6), applied only when < 1 (clip_grad_norm_ semantics)."""
+    a, b = _params_with_grads()
+    a2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    a2.grad, b2.grad = a.grad.clone(), b.grad.clone()
+    ref = torch.nn.utils.clip_grad_norm_([a2, b2], max_norm)
+    n = clip_global_([a, b], max_norm, sharded=True)
+    assert float(n) == pytest.approx(float(ref))
+    assert torch.allclose(a.grad, a2.grad) and torch.allclose(b.grad, b2.grad)
+    assert float(sharded_norm([a.grad, None, b.grad], True)) == pytest.approx(min(max_norm, float(ref)), rel=1e-5)
+
+
+def test_weight_perturbation_defaults_and_argument_errors():
+    a, b = _params_with_grads()
+    wp = WeightPerturbation([a, b])
+    assert wp.rho == 0.05 and wp.eps == 1e-7 and wp.restore == "copy"
+    with WeightPerturbation([a, b], rho=0.0) as info:  # ρ = 0 is allowed: no move
+        assert info.eps_norm == 0.0
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"rho must be finite and >= 0, got"):
+            WeightPerturbation([a, b], rho=bad)
+    with pytest.raises(ValueError, match=r"restore must be one of \('copy', 'subtract'\), got 'swap'"):
+        WeightPerturbation([a, b], restore="swap")
+    with pytest.raises(ValueError, match=r"restore must be one of \('copy', 'subtract'\), got 'swap'"):
+        SAMPerturber([a, b], rho=0.1, restore="swap")
+    with pytest.raises(ValueError, match="buffers has 1 entries for 2 params"):
+        WeightPerturbation([a, b], buffers=[None])
+    with pytest.raises(ValueError, match="direction has 1 entries for 2 params"):
+        WeightPerturbation([a, b], direction=[None])
+
+
+# -------------------------------------------------------------------------------- vaa.py --
+class _Stream:
+    """Fixed batch per group; counts the draws of each group."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, [0, 0]
+
+    def next_batch(self, group):
+        self.calls[group] += 1
+        return dict(self.batches[group])
+
+
+class _Module:
+    """What VAA sees of AlignModule: SGD with lr 1, no clip, no trainer (fp32)."""
+
+    def __init__(self, model, total_steps=10, clip=0.0):
+        self.model, self.device = model, torch.device("cpu")
+        self.global_step, self.total_steps = 0, total_steps
+        self.recipe = SimpleNamespace(grad_clip=clip)
+        self.opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        self.forwards = 0
+
+    def lm_loss(self, batch):
+        self.forwards += 1
+        x, y = batch["x"], batch["y"]
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def manual_backward(self, loss):
+        loss.backward()
+
+    def all_reduce_mean(self, t):
+        return t
+
+    def optimizers(self):
+        return self.opt
+
+    def lr_schedulers(self):
+        return None
+
+
+def _toy_vaa(sizes=(6, 4), total_steps=10, **dro):
+    from vaa.config.schema import DROConfig
+    from vaa.methods.vaa import VAA
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DROConfig),
+                          {"sampler": {"eta": 0.5, "clip": None}, "sam": {"rho": 0.3}}, dro)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(5, 3, generator=g), "y": torch.randn(5, 1, generator=g)} for _ in range(2)]
+    method = VAA(dro=cfg, seed=0)
+    module = _Module(model, total_steps)
+    stream = _Stream(batches)
+    method.setup(module, SimpleNamespace(stream=stream, group_sizes=lambda: list(sizes)))
+    return method, module, stream, batches
+
+
+def _grad_at(model, batch, shift=None):
+    m = copy.deepcopy(model)
+    if shift is not None:
+        with torch.no_grad():
+            for p, s in zip(m.parameters(), shift):
+                p.add_(s)
+    loss = torch.nn.functional.mse_loss(m(batch["x"]), batch["y"])
+    return float(loss.detach()), torch.autograd.grad(loss, list(m.parameters()))
+
+
+def _sam_eps(g, rho):
+    n = math.sqrt(sum(float(t.square().sum()) for t in g))
+    return [rho * t / (n + 1e-7) for t in g]
+
+
+def _expected_sampler(method, group, loss):
+    from vaa.methods.dro.sampler import EXP3Sampler
+
+    s = EXP3Sampler(num_groups=2, eta=0.5, clip=None, seed=0)
+    s.draw()
+    s.update(group, loss)
+    return s.probs
+
+
+def test_vaa_bernoulli_perturbed_step_applies_the_gradient_at_theta_plus_eps():
+    """vaa.md §3.5 (bernoulli, λ = 1): G = ∇L(θ + ρ·G0/(‖G0‖+1e-7)) on the sampled group's
+    batch, applied at θ; the sampler sees L1; the logs carry both losses and ‖ε‖ = ρ."""
+    method, module, stream, batches = _toy_vaa(lambda_max=1.0, lambda_schedule="constant")
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, None)
+    k = int(logs["dro/group"])
+    assert stream.calls[k] == 1 and stream.calls[1 - k] == 0 and module.forwards == 2
+    l0, g0 = _grad_at(_net_at(module.model, theta), batches[k])
+    l1, g1 = _grad_at(_net_at(module.model, theta), batches[k], _sam_eps(g0, 0.3))
+    for p, t, g in zip(module.model.parameters(), theta, g1):
+        assert torch.allclose(p, t - g, atol=1e-6)
+    assert float(logs["loss"]) == pytest.approx(l0, rel=1e-6)
+    assert float(logs[f"loss_clean/g{k}"]) == pytest.approx(l0, rel=1e-6)
+    assert float(logs[f"loss_perturbed/g{k}"]) == pytest.approx(l1, rel=1e-6)
+    assert float(logs["eps_norm"]) == pytest.approx(0.3, rel=1e-5)
+    assert float(logs["eps_realised_norm"]) == pytest.approx(0.3, rel=1e-4)
+    assert float(logs["eps_realised_cos"]) == pytest.approx(1.0, abs=1e-5)
+    assert method.sampler.probs == pytest.approx(_expected_sampler(method, k, l1))
+    assert float(logs["dro/lambda"]) == 1.0 and float(logs["dro/p_vulnerable"]) == pytest.approx(method.sampler.probs[1])
+    assert float(logs["dro/perturbed_fraction"]) == 1.0 and float(logs["dro/passes"]) == 2.0
+    assert method.stats == {"steps": 1, "perturbed": 1, "passes": 2}
+    assert method.trajectory == [(k, method.sampler.probs[1], pytest.approx(l0, rel=1e-6),
+                                  pytest.approx(l1, rel=1e-6))]
+
+
+def _net_at(model, theta):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, t in zip(m.parameters(), theta):
+            p.copy_(t)
+    return m
+
+
+@pytest.mark.parametrize("lam", [0.25, 0.7])
+def test_vaa_weighted_step_mixes_gradients_and_losses_with_lambda(lam):
+    """vaa.md §3.4 ``weighted``: G = (1−λ)G0 + λG1 and L = (1−λ)L0 + λL1 (what the sampler sees)."""
+    method, module, stream, batches = _toy_vaa(lambda_max=lam, lambda_schedule="constant",
+                                               lambda_mixing="weighted")
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, None)
+    k = int(logs["dro/group"])
+    l0, g0 = _grad_at(_net_at(module.model, theta), batches[k])
+    l1, g1 = _grad_at(_net_at(module.model, theta), batches[k], _sam_eps(g0, 0.3))
+    for p, t, a, b in zip(module.model.parameters(), theta, g0, g1):
+        assert torch.allclose(p, t - ((1 - lam) * a + lam * b), atol=1e-6)
+    assert method.sampler.probs == pytest.approx(_expected_sampler(method, k, (1 - lam) * l0 + lam * l1))
+    assert float(logs["loss"]) == pytest.approx(l0, rel=1e-6)
+    assert method.stats == {"steps": 1, "perturbed": 1, "passes": 2}
+
+
+def test_vaa_clean_step_at_lambda_zero_and_the_bernoulli_coin():
+    """λ_0 = 0 (linear): a clean step G = G0, one pass, no coin drawn; then with λ ∈ (0, 1) the
+    step is perturbed iff coin.random() > 1 − λ (the reference's rule)."""
+    import random
+
+    method, module, stream, batches = _toy_vaa(lambda_max=0.6, lambda_schedule="linear", total_steps=2)
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, None)
+    k = int(logs["dro/group"])
+    _l0, g0 = _grad_at(_net_at(module.model, theta), batches[k])
+    for p, t, g in zip(module.model.parameters(), theta, g0):
+        assert torch.allclose(p, t - g, atol=1e-6)
+    assert module.forwards == 1 and "eps_norm" not in logs and f"loss_perturbed/g{k}" not in logs
+    assert method.stats == {"steps": 1, "perturbed": 0, "passes": 1}
+    assert method.trajectory[0][3] is None
+    coin = random.Random("vaa-bernoulli-0")
+    perturbed = 0
+    for group in module.opt.param_groups:
+        group["lr"] = 1e-3  # keep the weights small: ε must stay representable
+    for step in range(1, 40):
+        module.global_step = step
+        lam = 0.6 * min(1.0, step / 2)
+        expect = coin.random() > 1 - lam
+        logs = method.training_step(module, None)
+        perturbed += expect
+        assert (f"loss_perturbed/g{int(logs['dro/group'])}" in logs) == expect
+        assert float(logs["dro/lambda"]) == pytest.approx(lam)
+    assert method.stats["perturbed"] == perturbed and 0 < perturbed < 39
+    assert method.stats["passes"] == 40 + perturbed
+
+
+def test_vaa_update_q_false_leaves_the_sampler_and_an_empty_group_trains_the_other():
+    method, module, stream, _ = _toy_vaa(lambda_max=0.0, sampler={"update_q": False})
+    for _ in range(3):
+        method.training_step(module, None)
+    assert method.sampler.probs == [0.5, 0.5] and method.sampler.num_updates == 0
+    method, module, stream, _ = _toy_vaa(sizes=(0, 7), lambda_max=0.0)
+    assert method.only_group == 1
+    for _ in range(3):
+        assert int(method.training_step(module, None)["dro/group"]) == 1
+    assert stream.calls == [0, 3] and method.sampler.num_updates == 0
+    method, module, stream, _ = _toy_vaa(sizes=(5, 0), lambda_max=0.0)
+    assert method.only_group == 0 and method.sampler.group_sizes == [5, 0]
+
+
+def test_vaa_full_feedback_feeds_both_groups_clean_losses():
+    from vaa.methods.dro.sampler import EXP3Sampler
+
+    method, module, stream, batches = _toy_vaa(lambda_max=0.0, sampler={"feedback": "full"})
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, None)
+    k = int(logs["dro/group"])
+    assert stream.calls[k] == 1 and stream.calls[1 - k] == 1
+    losses = [_grad_at(_net_at(module.model, theta), b)[0] for b in batches]
+    s = EXP3Sampler(num_groups=2, eta=0.5, clip=None, feedback="full", seed=0)
+    s.update_full(losses)
+    assert method.sampler.probs == pytest.approx(s.probs)
+
+
+def test_vaa_sampler_takes_the_configured_knobs():
+    method, *_ = _toy_vaa(sizes=(6, 2), sampler={"init": "empirical", "clip": [0.2, 0.7], "eta": 0.25})
+    s = method.sampler
+    assert s.eta == 0.25 and s.group_sizes == [6, 2] and s.probs == pytest.approx([0.75, 0.25])
+    assert list(s.clip) == [0.2, 0.7] and s.feedback == "bandit" and s.seed == 0
+    assert method.perturber is None and method.only_group is None
+
+
+@pytest.mark.parametrize("dro,expected", [
+    ({"lambda_max": 0.6, "lambda_schedule": "linear"}, 1.3),
+    ({"lambda_max": 0.6, "lambda_schedule": "constant"}, 1.6),
+    ({"lambda_max": 0.6, "lambda_mixing": "weighted"}, 2.0),
+    ({"lambda_max": 0.0, "lambda_mixing": "weighted"}, 1.0),
+])
+def test_vaa_expected_passes_per_step(dro, expected):
+    method, *_ = _toy_vaa(**dro)
+    assert method.passes_per_step == pytest.approx(expected)
+
+
+def test_vaa_rejects_an_unknown_mixing_and_schedule():
+    from vaa.methods.vaa import lambda_at
+
+    with pytest.raises(ValueError, match="dro.lambda_mixing must be bernoulli or weighted, got 'mean'"):
+        _toy_vaa(lambda_mixing="mean")
+    assert lambda_at(20, 10, 0.5, "linear") == 0.5  # capped at λ_max
+    assert lambda_at(3, 0, 0.5, "linear") == 0.5  # total 0: no division by zero
+    with pytest.raises(ValueError, match="got 'cosine'"):
+        lambda_at(1, 10, 1.0, "cosine")
+
+
+def test_vaa_state_round_trips_and_an_empty_state_is_ignored():
+    method, module, *_ = _toy_vaa(lambda_max=0.5, lambda_schedule="constant")
+    for _ in range(3):
+        method.training_step(module, None)
+    state = copy.deepcopy(method.state_dict())
+    assert state["stats"] == method.stats and state["trajectory"] == method.trajectory
+    other, *_ = _toy_vaa(lambda_max=0.5, lambda_schedule="constant")
+    other.load_state_dict({})
+    assert other.stats == {"steps": 0, "perturbed": 0, "passes": 0}
+    other.load_state_dict(state)
+    assert other.sampler.probs == method.sampler.probs and other.stats == method.stats
+    assert other.trajectory == method.trajectory and other.coin.random() == method.coin.random()
+    assert all(isinstance(t, tuple) for t in other.trajectory)
+    # the main process after ddp_spawn: no sampler, only stats and trajectory
+    from vaa.config.schema import DROConfig
+    from vaa.methods.vaa import VAA
+
+    bare = VAA(dro=OmegaConf.structured(DROConfig))
+    bare.load_state_dict({k: v for k, v in state.items() if k != "trajectory"} | {"sampler": None})
+    assert bare.stats == method.stats and bare.trajectory == []
+
+
+def test_weight_perturbation_stats_are_nan_until_entered_and_realised_only_when_measured():
+    a, b = _params_with_grads()
+    wp = WeightPerturbation([a, b], rho=0.4)
+    for v in (wp.realised_norm, wp.realised_cos, wp.grad_norm, wp.eps_norm, wp.scale):
+        assert isinstance(v, float) and math.isnan(v)
+    assert wp.num_perturbed == 0 and wp.copied_numel == 0
+    with wp:
+        assert wp.num_perturbed == 2 and wp.copied_numel == 17
+        assert math.isnan(wp.realised_norm) and math.isnan(wp.realised_cos)  # measure=None
+    with WeightPerturbation([a, b], rho=0.4, measure="32-true") as wp:
+        assert wp.realised_norm == pytest.approx(0.4, rel=1e-5) and wp.realised_cos == pytest.approx(1.0, abs=1e-5)
+    sam = SAMPerturber([a, b], rho=0.4)
+    with sam.perturbed(measure="32-true"):
+        pass
+    assert sam.last_realised_norm == pytest.approx(0.4, rel=1e-5) and sam.copied_numel == 17
+    assert sam.buffer_numel == 17
+
+
+def test_compute_dtype_by_precision_prefix():
+    assert prec.compute_dtype("bf16-mixed", torch.float32) == torch.bfloat16
+    assert prec.compute_dtype("bf16-true", torch.float32) == torch.bfloat16
+    assert prec.compute_dtype("16-mixed", torch.float32) == torch.float16
+    assert prec.compute_dtype("16-true", torch.bfloat16) == torch.float16
+    assert prec.compute_dtype("32-true", torch.bfloat16) == torch.bfloat16
+    assert prec.compute_dtype("64-true", torch.float64) == torch.float64
+
+
+class _Safe:
+    fsdp_safe = True
+
+
+class _Unsafe:
+    pass
+
+
+def test_strategy_problems_fp16_mixed_and_fsdp_for_unsafe_classes():
+    classes = {"method": ("m1", _Unsafe), "ft_defense": ("d1", _Safe), "other": ("none", None)}
+    fp16 = prec.strategy_problems("16-mixed", "ddp", classes)
+    assert [k for k, _ in fp16] == ["trainer.precision"]
+    assert fp16[0][1].startswith("fp16 mixed precision scales the loss, and every method's manual-optimisation")
+    assert fp16[0][1].endswith("use trainer.precision=bf16-mixed (or 32-true)")
+    assert [k for k, _ in prec.strategy_problems("16", "auto", {})] == ["trainer.precision"]
+    assert prec.strategy_problems("16-true", "auto", classes) == []
+    assert prec.strategy_problems("bf16-mixed", "ddp", classes) == []
+    fsdp = prec.strategy_problems("bf16-mixed", "MyFSDPStrategy", classes)
+    assert len(fsdp) == 1 and fsdp[0][0] == "trainer.strategy"
+    assert fsdp[0][1].startswith("method=m1 (_Unsafe) is not FSDP-correct (it keeps per-parameter")
+    assert fsdp[0][1].endswith("use trainer=ddp, or trainer=gpu (with LoRA for a 7B model)")
+    assert prec.strategy_problems("32-true", "fsdp", {"method": ("s", _Safe)}) == []
+    both = prec.strategy_problems("16-mixed", "fsdp", classes)
+    assert [k for k, _ in both] == ["trainer.precision", "trainer.strategy"]
+
+
+def test_check_strategy_raises_the_first_problem_with_its_value():
+    from vaa.errors import UserError
+
+    prec.check_strategy(_Safe(), "bf16-mixed", "fsdp")
+    with pytest.raises(UserError, match=r"^trainer\.precision=16-mixed: fp16 mixed"):
+        prec.check_strategy(_Unsafe(), "16-mixed", "fsdp")
+    with pytest.raises(UserError, match=r"^trainer\.strategy=fsdp: method=_Unsafe \(_Unsafe\) is not"):
+        prec.check_strategy(_Unsafe(), "32-true", "fsdp")
+    named = _Unsafe()
+    named.name = "booster"
+    with pytest.raises(UserError, match=r"^trainer\.strategy=fsdp: method=booster \(_Unsafe\)"):
+        prec.check_strategy(named, "32-true", "fsdp")
