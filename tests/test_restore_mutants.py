@@ -745,3 +745,167 @@ def test_panacea_step_hands_over_gradients_and_keeps_its_hyperparameters():
     got = s.take_grads()
     assert torch.equal(got[0], torch.full((2,), 5.0)) and torch.equal(got[1], torch.zeros(3))
     assert a.grad is None and b.grad is None
+
+
+# ----------------------------------------------------------------------------- CurvatureRestore plumbing (§1.2-1.4)
+def _prepared(backend="cg", hvp="ggn", damping=0.1, relative=True, **kw):
+    from tests.test_restore import curvature_inputs as ci
+    model = tiny_llama(0, hidden=8)
+    inputs, task, harm = ci()
+    r = CurvatureRestore(modules=["v_proj"], geometry={"enabled": False},
+                         curvature={"backend": backend, "hvp": hvp, "damping": damping,
+                                    "damping_relative": relative, "iters": 60, "tol": 1e-9, **kw})
+    r.setup(model, inputs)
+    with C.eager_attention(model):
+        r.prepare_curvature(model)
+    return r, model, task, harm
+
+
+def test_damping_is_relative_to_the_mean_diagonal_fisher_of_single_task_rows():
+    """λ = damping · mean(diag F) with F over the HVP rows one at a time (single_rows), or the
+    absolute damping; the Fisher is the diag_fisher of those rows."""
+    r, model, task, _ = _prepared(damping=0.3)
+    params = [m.weight for m in v_projs(model)]
+    rows = [{k: v[i:i + 1] for k, v in task.items()} for i in range(4)]
+    from vaa.training.module import response_loss
+    f = C.diag_fisher([lambda b=b: response_loss(model, b) for b in rows], params)
+    torch.testing.assert_close(r.fisher, f, rtol=1e-5, atol=1e-10)
+    assert r.lam == pytest.approx(0.3 * float(f.mean()), rel=1e-5) and r.info["damping"] == r.lam
+    r2, _, _, _ = _prepared(damping=0.3, relative=False)
+    assert r2.lam == 0.3 and r2.info["damping"] == 0.3
+    assert r.passes == 4  # one pass per Fisher row
+
+
+def test_single_rows_cut_each_row_to_its_real_tokens():
+    from vaa.restore.curvature import single_rows
+    b = lm_batch(1, rows=2, width=5)
+    b["attention_mask"][1, 3:] = 0
+    rows = list(single_rows([b]))
+    assert [r["input_ids"].shape for r in rows] == [(1, 5), (1, 3)]
+    assert torch.equal(rows[1]["labels"], b["labels"][1:2, :3])
+
+
+def test_loss_and_logit_terms_weigh_batches_by_their_labelled_tokens():
+    from vaa.restore.curvature import loss_terms
+    from vaa.training.module import response_loss
+    model = tiny_llama(0, hidden=8)
+    a, b = lm_batch(1, rows=2), lm_batch(2, rows=3)  # 8 and 12 labelled tokens
+    terms = loss_terms(model, [a, b])
+    assert [w for _, w in terms] == pytest.approx([0.4, 0.6])
+    with torch.no_grad():
+        assert float(terms[1][0]()) == pytest.approx(float(response_loss(model, b)))
+        lt = logit_terms(model, [a, b])
+        assert [w for _, w in lt] == pytest.approx([0.4, 0.6])
+        logits, labels = lt[0][0]()
+        assert logits.shape == (8, 30) and torch.equal(labels, a["labels"][:, 1:][a["labels"][:, 1:] != -100])
+        full = model(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).logits[:, :-1]
+        torch.testing.assert_close(logits, full[a["labels"][:, 1:] != -100])
+
+
+def test_solve_backends_diag_fisher_and_kfac_and_the_damped_matvec():
+    r, model, task, _ = _prepared("diag_fisher", damping=0.2)
+    g = torch.randn(r.fisher.numel(), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(r.solve(model, g), g / (r.fisher + r.lam))
+    r.hp.curvature.backend = "identity"
+    x = r.solve(model, g)
+    assert torch.equal(x, g) and x is not g
+    # the damped matvec: (H + λI)v with H the GGN (3 passes per row) or the Hessian (2)
+    with C.eager_attention(model):
+        for hvp, per, prod, terms in (("ggn", 3, C.ggn_vp, logit_terms), ("exact", 2, C.hvp_exact, None)):
+            r.hp.curvature.hvp = hvp
+            before = r.passes
+            got = r.matvec(model)(g)
+            from vaa.restore.curvature import loss_terms
+            t = (terms or loss_terms)(model, [task])
+            torch.testing.assert_close(got, prod(t, r.params, g) + r.lam * g, rtol=1e-5, atol=1e-7)
+            assert r.passes - before == per * 4
+    r.hp.curvature.hvp = "fisher"
+    with pytest.raises(ValueError, match="restore.curvature.hvp='fisher'; use exact or ggn"):
+        r.matvec(model)
+    r.hp.curvature.backend = "newton"
+    with pytest.raises(ValueError, match="restore.curvature.backend='newton'; use identity"):
+        r.solve(model, g)
+    rk, mk, _, _ = _prepared("kfac", damping=0.05, relative=False)
+    assert rk.passes == 4 + 4  # Fisher rows + one K-FAC pass over the HVP batch
+    ref = rk.kfac.solve(C.unflat(g, rk.params), 0.05, False)
+    torch.testing.assert_close(rk.solve(mk, g), C.flat(ref, rk.params))
+    assert rk.kfac.n_a == 4 * 7 and rk.kfac.n_s == 4 * 4
+
+
+def test_cg_and_lbfgs_backends_record_their_solver_info():
+    r, model, _, _ = _prepared("cg")
+    g = torch.randn(r.fisher.numel(), generator=torch.Generator().manual_seed(0))
+    with C.eager_attention(model):
+        r.solve(model, g)
+        r.hp.curvature.backend = "lbfgs_ihvp"
+        r.solve(model, g)
+    cg, lb = r.info["solver"]
+    assert set(cg) == {"iters", "negative_curvature", "rel_residual"} and cg["rel_residual"] < 0.05
+    assert set(lb) == {"matvecs", "rel_residual"} and lb["matvecs"] <= 60
+
+
+def test_setup_reads_its_rows_and_refuses_an_unknown_objective_or_variant():
+    """Task rows n_task; HVP rows min(n_hvp, n_task); validation rows the *last* n_val; harmful
+    rows of hp; refusal rows of refusal_split only for objective=refusal."""
+    calls = []
+    batch = lm_batch(1)
+
+    class Inputs:
+        cfg = None
+
+        def task(self, n, last=False):
+            calls.append(("task", n, last))
+            return ("task", n, last)
+
+        def harmful(self, hp):
+            calls.append(("harmful",))
+            return ("harmful",)
+
+        def refusals(self, split, n):
+            calls.append(("refusals", split, n))
+            return ("refusals",)
+
+        def batches(self, rows, bs):
+            calls.append(("batches", rows, bs))
+            return [batch]
+    r = CurvatureRestore(modules=["v_proj"], batch_size=3, n_task=10, n_harmful=6,
+                         curvature={"n_hvp": 50}, step={"n_val": 5, "objective": "refusal", "refusal_split": "x"})
+    model = tiny_llama(0, hidden=8)
+    r.setup(model, Inputs())
+    assert ("task", 10, False) in calls and calls.count(("task", 10, False)) == 2  # task rows; n_hvp capped
+    assert ("task", 5, True) in calls and ("refusals", "x", 6) in calls
+    assert all(c[2] == 3 for c in calls if c[0] == "batches")
+    assert r.attack_n is None
+    assert [p.requires_grad for p in model.parameters()] == [
+        any(p is m.weight for m in v_projs(model)) for p in model.parameters()]
+    calls.clear()
+    r = CurvatureRestore(modules=["v_proj"], n_task=10, curvature={"n_hvp": 4})
+    r.setup(model, Inputs())
+    assert ("task", 4, False) in calls and not any(c[0] == "refusals" for c in calls)
+    with pytest.raises(ValueError, match="restore.step.objective='up'; use harmful_ascent or refusal"):
+        CurvatureRestore(modules=["v_proj"], step={"objective": "up"}).setup(model, Inputs())
+    with pytest.raises(ValueError, match="restore.step.variant='sgd'; use newton_trust_region, influence, penalised"):
+        CurvatureRestore(step={"variant": "sgd"}).restore(model, Inputs())
+
+
+def test_target_linears_match_the_last_name_part_inside_the_decoder_layers():
+    from vaa.errors import ConfigError
+    model = tiny_llama(0, hidden=8)
+    mods = target_linears(model, ["q_proj", "down_proj"])
+    assert mods == [m for l in model.model.layers for m in (l.self_attn.q_proj, l.mlp.down_proj)]
+    assert model.lm_head not in target_linears(model, ["lm_head", "q_proj"])  # outside the layers
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    assert target_linears(plain, ["0"]) == [plain[0]]
+    with pytest.raises(ConfigError, match=r"restore.modules=\['qproj'\] matches no Linear module of the model"):
+        target_linears(model, ["qproj"])
+
+
+def test_restore_gives_back_every_requires_grad_flag_and_states_its_memory():
+    from tests.test_restore import curvature
+    model = tiny_llama(0, hidden=8)
+    inputs, _, _ = curvature_inputs()
+    r = curvature("identity", variant="influence")
+    r.restore(model, inputs)
+    assert all(p.requires_grad for p in model.parameters())
+    assert r.info["memory"]["numel"] == 128 and r.info["memory"]["vectors"] == 3
+    assert {"hvp_batch_gb", "total_gb"} <= set(r.info["memory"])
