@@ -653,3 +653,239 @@ def test_check_strategy_raises_the_first_problem_with_its_value():
     named.name = "booster"
     with pytest.raises(UserError, match=r"^trainer\.strategy=fsdp: method=booster \(_Unsafe\)"):
         prec.check_strategy(named, "32-true", "fsdp")
+
+
+# --------------------------------------------------------------------------- repnoise.py --
+def test_repnoise_align_to_pads_with_pad_zero_and_minus_100_or_truncates():
+    """align_to (baselines.md §3, diff_tokens mask): pad on the right with (pad_id, attention
+    0, label −100) to ``width``, or truncate; 1-D entries are dropped."""
+    from vaa.methods.repnoise import align_to
+
+    b = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]]),
+         "labels": torch.tensor([[-100, 6, 7]]), "uid": torch.tensor([3])}
+    out = align_to(b, 5, pad_id=9)
+    assert sorted(out) == ["attention_mask", "input_ids", "labels"]
+    assert out["input_ids"].tolist() == [[5, 6, 7, 9, 9]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7, -100, -100]]
+    cut = align_to(dict(b, extra=torch.tensor([[1, 2, 3]])), 2, pad_id=9)
+    assert cut["input_ids"].tolist() == [[5, 6]] and cut["extra"].tolist() == [[1, 2]] and "uid" not in cut
+    same = align_to(dict(b, extra=torch.tensor([[1, 2, 3]])), 3, pad_id=9)
+    assert same["extra"].tolist() == [[1, 2, 3]] and same["labels"].tolist() == [[-100, 6, 7]]
+
+
+# ---------------------------------------------------------------------------- booster.py --
+def _toy_booster(**kw):
+    from vaa.methods.booster import Booster
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    g = torch.Generator().manual_seed(2)
+    batches = [{"x": torch.randn(5, 3, generator=g), "y": torch.randn(5, 1, generator=g)} for _ in range(2)]
+    method = Booster(**kw)
+    module = _Module(model)
+    method.setup(module, SimpleNamespace(streams={"harmful": _Stream([batches[0]])}))
+    return method, module, batches
+
+
+@pytest.mark.parametrize("variant", ["upstream", "vaa_sign_bug"])
+def test_booster_without_meta_term_steps_with_ga_plus_lambda_gh(variant):
+    """baselines.md §4, ``meta_term: false``: G = g_a + λ·g_h (two passes; no α step)."""
+    method, module, (hb, ab) = _toy_booster(lam=2.5, alpha=0.3, meta_term=False, variant=variant)
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, ab)
+    lh, gh = _grad_at(_net_at(module.model, theta), hb)
+    la, ga = _grad_at(_net_at(module.model, theta), ab)
+    for p, t, a, h in zip(module.model.parameters(), theta, ga, gh):
+        assert torch.allclose(p, t - (a + 2.5 * h), atol=1e-6)
+    assert float(logs["harmful_loss"]) == pytest.approx(lh, rel=1e-6)
+    assert float(logs["loss"]) == pytest.approx(la, rel=1e-6)
+    gh_norm = math.sqrt(sum(float(x.square().sum()) for x in gh))
+    assert float(logs["harmful_grad_norm"]) == pytest.approx(gh_norm, rel=1e-5)
+    assert "harmful_loss_moved" not in logs and module.forwards == 2
+
+
+def test_booster_meta_step_logs_the_moved_loss_and_its_realised_alpha_step():
+    """Upstream pass 2 at θ − α·ĝ_h: the logged h is taken there, and in the measured step the
+    realised α step is logged (fp32: ‖Δθ‖ = α along ε)."""
+    method, module, (hb, ab) = _toy_booster(lam=1.0, alpha=0.2)
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, ab)
+    _lh, gh = _grad_at(_net_at(module.model, theta), hb)
+    n = math.sqrt(sum(float(x.square().sum()) for x in gh))
+    lh1, _ = _grad_at(_net_at(module.model, theta), hb, [-0.2 * x / (n + 1e-7) for x in gh])
+    assert float(logs["harmful_loss_moved"]) == pytest.approx(lh1, rel=1e-6)
+    assert float(logs["alpha_step_realised_norm"]) == pytest.approx(0.2, rel=1e-4)
+    assert float(logs["alpha_step_realised_cos"]) == pytest.approx(1.0, abs=1e-5)
+    assert module.forwards == 3
+
+
+def test_booster_knobs_passes_and_stream_batch_size():
+    from vaa.methods.booster import Booster
+
+    b = Booster(lam=2, alpha=1, vaccine_rho=3, harmful_batch_size=7, attn_pattern="x")
+    assert (b.lam, b.alpha, b.vaccine_rho) == (2.0, 1.0, 3.0) and b.attn_pattern == "x"
+    assert isinstance(b.lam, float) and isinstance(b.alpha, float) and isinstance(b.vaccine_rho, float)
+    assert b.stream_batch_size("harmful", 4) == 7
+    assert Booster().stream_batch_size("harmful", 4) == 4
+    assert Booster().variant == "upstream" and Booster().lam == 5.0 and Booster().alpha == 0.1
+    assert Booster().vaccine_rho == 2.0 and Booster().harmful_batch_size is None
+    assert [Booster(meta_term=m, perturb_aware=a).passes_per_step
+            for m, a in [(True, False), (False, False), (True, True), (False, True)]] == [3, 2, 4, 3]
+    with pytest.raises(ValueError, match=r"method.variant must be one of \('upstream', 'vaa_sign_bug'\), got 'x'"):
+        Booster(variant="x")
+
+
+def test_booster_take_grads_hands_over_and_zero_fills():
+    method, module, _ = _toy_booster()
+    ps = method.params
+    ps[0].grad = torch.ones_like(ps[0])
+    g = method.take_grads()
+    assert g[0] is not None and torch.equal(g[0], torch.ones_like(ps[0]))
+    assert torch.equal(g[1], torch.zeros_like(ps[1])) and all(p.grad is None for p in ps)
+    assert method.restore_buffers == [None] * len(ps) and method.layers is None
+
+
+# ------------------------------------------------------------------- vaccine.py, hooks.py --
+class _Attn(torch.nn.Module):
+    def __init__(self, out="tuple"):
+        super().__init__()
+        self.lin, self.out = torch.nn.Linear(4, 4), out
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return (h, None) if self.out == "tuple" else [h, None] if self.out == "list" else h
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.self_attn = _Attn(out)
+
+
+class _Toy(torch.nn.Module):
+    """Residual stack whose blocks are found by the default ``layers.<i>.self_attn`` pattern."""
+
+    def __init__(self, outs=("tuple", "list", "plain")):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(_Layer(o) for o in outs)
+        self.head = torch.nn.Linear(4, 1)
+        self.config = SimpleNamespace(num_hidden_layers=len(outs))
+
+    def forward(self, x, eps=None):
+        for i, layer in enumerate(self.layers):
+            out = layer.self_attn(x)
+            h = out if torch.is_tensor(out) else out[0]
+            x = x + (h if eps is None or eps[i] is None else h + eps[i])
+        return self.head(x)
+
+
+def _toy_batch():
+    g = torch.Generator().manual_seed(3)
+    return {"x": torch.randn(2, 3, 4, generator=g), "y": torch.randn(2, 3, 1, generator=g)}
+
+
+def test_vaccine_both_passes_on_tuple_list_and_plain_outputs():
+    """baselines.md §2: ε_l = ρ·g_l/(‖g‖+1e-7), g_l = ∂f/∂e_l over all layers; the parameter
+    gradient is ∇θ f(θ; e + ε); logs: clean loss, ‖g‖, ‖ε‖ = ρ, and the realised ε."""
+    from vaa.methods.hooks import layer_modules
+    from vaa.methods.vaccine import perturbed_backward
+
+    model, batch = _Toy(), _toy_batch()
+    module = _Module(model)
+    layers = layer_modules(model, r"(^|\.)layers\.\d+\.self_attn$")
+    # independent ε: gradients w.r.t. additive zeros on every block output
+    z = [torch.zeros(2, 3, 4, requires_grad=True) for _ in layers]
+    loss0 = torch.nn.functional.mse_loss(model(batch["x"], z), batch["y"])
+    g = torch.autograd.grad(loss0, z)
+    n = math.sqrt(sum(float(t.square().sum()) for t in g))
+    eps = [0.7 * t / (n + 1e-7) for t in g]
+    ref = copy.deepcopy(model)
+    loss1 = torch.nn.functional.mse_loss(ref(batch["x"], eps), batch["y"])
+    want = torch.autograd.grad(loss1, list(ref.parameters()))
+    logs = perturbed_backward(module, batch, layers, 0.7, measure="32-true")
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.grad, w, atol=1e-6)
+    assert float(logs["loss"]) == pytest.approx(float(loss1.detach()), rel=1e-6)
+    assert float(logs["loss_clean"]) == pytest.approx(float(loss0), rel=1e-6)
+    assert float(logs["hidden_grad_norm"]) == pytest.approx(n, rel=1e-5)
+    assert float(logs["eps_norm"]) == pytest.approx(0.7, rel=1e-5)
+    assert float(logs["eps_realised_norm"]) == pytest.approx(0.7, rel=1e-4)
+    assert float(logs["eps_realised_cos"]) == pytest.approx(1.0, abs=1e-5)
+    model.zero_grad()
+    logs = perturbed_backward(module, batch, layers, 0.7)
+    assert "eps_realised_norm" not in logs and "eps_realised_cos" not in logs
+
+
+def test_vaccine_refuses_a_forward_that_skips_a_matched_block_and_a_negative_rho():
+    from vaa.methods.vaccine import Vaccine, hidden_perturbation
+
+    model = _Toy()
+    extra = _Attn()  # matched but never run
+    with pytest.raises(RuntimeError, match="captured 3 of 4 attention outputs"):
+        hidden_perturbation(_Module(model), _toy_batch(), [l.self_attn for l in model.layers] + [extra], 1.0)
+    with pytest.raises(ValueError, match="method.rho must be >= 0, got -1"):
+        Vaccine(rho=-1)
+    v = Vaccine(rho=0)
+    assert v.rho == 0.0 and v.passes_per_step == 2 and Vaccine().rho == 2.0
+    v = Vaccine(rho=1, attn_pattern=r"layers\.\d+\.self_attn$")
+    v.setup(SimpleNamespace(model=model), None)
+    assert v.layers == [l.self_attn for l in model.layers]
+
+
+def test_vaccine_training_step_steps_with_the_perturbed_gradient():
+    from vaa.methods.vaccine import Vaccine
+
+    model, batch = _Toy(), _toy_batch()
+    module = _Module(model)
+    v = Vaccine(rho=0.5)
+    v.setup(module, None)
+    ref = copy.deepcopy(model)
+    from vaa.methods.vaccine import perturbed_backward
+
+    want = perturbed_backward(_Module(ref), batch, [l.self_attn for l in ref.layers], 0.5)
+    theta = [p.detach().clone() for p in model.parameters()]
+    logs = v.training_step(module, batch)
+    for p, t, r in zip(model.parameters(), theta, ref.parameters()):
+        assert torch.allclose(p, t - r.grad, atol=1e-6)
+    assert float(logs["loss"]) == pytest.approx(float(want["loss"]))
+    assert float(logs["grad_norm"]) > 0 and float(logs["eps_norm"]) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_layer_modules_errors_name_the_pattern_and_the_layer_count():
+    from vaa.methods.hooks import layer_modules, num_layers
+
+    model = _Toy()
+    assert num_layers(model) == 3 and num_layers(torch.nn.Linear(1, 1)) is None
+    nested = SimpleNamespace(get_text_config=lambda: SimpleNamespace(num_hidden_layers=5))
+    assert num_layers(SimpleNamespace(config=nested)) == 5
+    with pytest.raises(ValueError, match=r"no module of _Toy matches 'nothing'; set the method's layer pattern"):
+        layer_modules(model, "nothing")
+    with pytest.raises(ValueError, match=r"'layers\\\\.0\\\\.self_attn\$' matches 1 modules \(\['layers.0.self_attn'\] …\) but "
+                                         r"the model has 3 layers"):
+        layer_modules(model, r"layers\.0\.self_attn$")
+    model.config = None  # no config: any count is accepted
+    assert len(layer_modules(model, r"layers\.0\.self_attn$")) == 1
+
+
+def test_add_to_outputs_skips_none_deltas_and_counts_modules():
+    from vaa.methods.hooks import AddToOutputs, CaptureOutputs
+
+    model, batch = _Toy(), _toy_batch()
+    attn = [l.self_attn for l in model.layers]
+    d = [torch.full((4,), 0.5), None, torch.full((4,), -1.0)]
+    with CaptureOutputs(attn) as clean:
+        model(batch["x"])
+    with AddToOutputs(attn, d, measure=True) as add, CaptureOutputs(attn) as cap:
+        model(batch["x"])
+    assert all(not m._forward_hooks for m in attn)  # hooks removed
+    assert torch.allclose(cap.outputs[0], clean.outputs[0] + 0.5)
+    assert isinstance(add.realised_norm, float) and sorted(add._sums) == [0, 2]
+    want = math.sqrt(2 * 3 * 4 * (0.25 + 1.0))
+    assert add.realised_norm == pytest.approx(want, rel=1e-5) and add.realised_cos == pytest.approx(1.0, abs=1e-5)
+    with AddToOutputs(attn, [None, None, None], measure=True) as none:
+        model(batch["x"])
+    assert none.realised_norm == 0.0 and math.isnan(none.realised_cos)
+    with pytest.raises(ValueError, match="2 deltas for 3 modules"):
+        AddToOutputs(attn, d[:2])
