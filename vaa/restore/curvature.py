@@ -271,6 +271,11 @@ class CurvatureRestore(Restorer):
             raise ValueError(f"restore.curvature.backend={cv.backend!r}; use identity, diag_fisher, "
                              f"kfac, cg or lbfgs_ihvp")
         self.info.setdefault("solver", []).append(info)
+        if info.get("rel_residual", 0.0) > 1.0:  # worse than x = 0: the step is not H_λ⁻¹g
+            log.warning("restore=curvature: the %s solve left a relative residual of %.3g after %d "
+                        "iterations at damping %.3g (x is not H_λ⁻¹g; the trust region only scales "
+                        "it): raise restore.curvature.iters or restore.curvature.damping",
+                        cv.backend, info["rel_residual"], info.get("iters", 0), self.lam)
         return x
 
     # ---------------------------------------------------------------- objective
