@@ -790,6 +790,7 @@ def test_loss_and_logit_terms_weigh_batches_by_their_labelled_tokens():
     from vaa.training.module import response_loss
     model = tiny_llama(0, hidden=8)
     a, b = lm_batch(1, rows=2), lm_batch(2, rows=3)  # 8 and 12 labelled tokens
+    a["attention_mask"][0, 0] = 0  # a left pad: the logits must see the mask
     terms = loss_terms(model, [a, b])
     assert [w for _, w in terms] == pytest.approx([0.4, 0.6])
     with torch.no_grad():
@@ -829,16 +830,22 @@ def test_solve_backends_diag_fisher_and_kfac_and_the_damped_matvec():
     assert rk.passes == 4 + 4  # Fisher rows + one K-FAC pass over the HVP batch
     ref = rk.kfac.solve(C.unflat(g, rk.params), 0.05, False)
     torch.testing.assert_close(rk.solve(mk, g), C.flat(ref, rk.params))
+    rk.hp.curvature.damping_relative = True  # the relative damping reaches K-FAC too
+    ref = rk.kfac.solve(C.unflat(g, rk.params), 0.05, True)
+    torch.testing.assert_close(rk.solve(mk, g), C.flat(ref, rk.params))
     assert rk.kfac.n_a == 4 * 7 and rk.kfac.n_s == 4 * 4
 
 
 def test_cg_and_lbfgs_backends_record_their_solver_info():
-    r, model, _, _ = _prepared("cg")
+    """cg / lbfgs_ihvp on the damped matvec with curvature.iters, .tol and .history."""
+    r, model, _, _ = _prepared("cg", history=3)
     g = torch.randn(r.fisher.numel(), generator=torch.Generator().manual_seed(0))
     with C.eager_attention(model):
-        r.solve(model, g)
+        x_cg = r.solve(model, g)
+        torch.testing.assert_close(x_cg, C.cg_solve(r.matvec(model), g, 60, 1e-9)[0])
         r.hp.curvature.backend = "lbfgs_ihvp"
-        r.solve(model, g)
+        x_lb = r.solve(model, g)
+        torch.testing.assert_close(x_lb, C.lbfgs_solve(r.matvec(model), g, 60, 3)[0])
     cg, lb = r.info["solver"]
     assert set(cg) == {"iters", "negative_curvature", "rel_residual"} and cg["rel_residual"] < 0.05
     assert set(lb) == {"matvecs", "rel_residual"} and lb["matvecs"] <= 60
@@ -900,12 +907,56 @@ def test_target_linears_match_the_last_name_part_inside_the_decoder_layers():
         target_linears(model, ["qproj"])
 
 
-def test_restore_gives_back_every_requires_grad_flag_and_states_its_memory():
+def test_restore_gives_back_every_requires_grad_flag_and_states_its_memory(caplog):
+    import logging
     from tests.test_restore import curvature
     model = tiny_llama(0, hidden=8)
     inputs, _, _ = curvature_inputs()
     r = curvature("identity", variant="influence")
-    r.restore(model, inputs)
+    with caplog.at_level(logging.INFO, logger="vaa.restore.curvature"):
+        r.restore(model, inputs)
+    assert "restore=curvature over v_proj: 0.000128 M parameters in its space; its vectors need about " \
+           "0.00 GB beside the model (3 fp32 vectors of 128 entries), and each curvature product about " in caplog.text
     assert all(p.requires_grad for p in model.parameters())
     assert r.info["memory"]["numel"] == 128 and r.info["memory"]["vectors"] == 3
     assert {"hvp_batch_gb", "total_gb"} <= set(r.info["memory"])
+
+
+# ----------------------------------------------------------------------------- memory plan arithmetic
+def test_hvp_batch_bytes_is_the_documented_formula():
+    """2·a(h, I) per token and layer with a = (11h + 4I)·4 B, plus 8 fp32 vocabulary rows per
+    labelled next-token target."""
+    from vaa.restore.curvature import hvp_batch_bytes
+    cfg = SimpleNamespace(hidden_size=3, intermediate_size=5, num_hidden_layers=2, vocab_size=7)
+    labels = torch.full((2, 6), -100)
+    labels[0, 4:] = 1
+    labels[1, 0] = 1  # position 0 is never a target (the shift)
+    got = hvp_batch_bytes(cfg, {"input_ids": torch.zeros(2, 6), "labels": labels})
+    assert got == 12 * 2 * 2 * (11 * 3 + 4 * 5) * 4 + 2 * 8 * 7 * 4
+
+
+def test_host_available_gb_reads_memavailable_in_kib(monkeypatch):
+    import io
+    import vaa.restore.curvature as CR
+    text = "MemTotal:       2048 kB\nMemFree:  1 kB\nMemAvailable:   1048576 kB\n"
+    monkeypatch.setattr(CR, "open", lambda *a, **k: io.StringIO(text), raising=False)
+    assert CR.host_available_gb() == 1.0
+    monkeypatch.setattr(CR, "open", lambda *a, **k: io.StringIO("MemTotal: 5 kB\n"), raising=False)
+    assert CR.host_available_gb() is None
+
+    def missing(*a, **k):
+        raise OSError("no /proc")
+    monkeypatch.setattr(CR, "open", missing, raising=False)
+    assert CR.host_available_gb() is None
+
+
+def test_check_fits_reads_a_cuda_devices_free_memory(monkeypatch):
+    from vaa.errors import ConfigError
+    import vaa.restore.curvature as CR
+    plan = {"gb": 1.0, "hvp_batch_gb": 4.0, "total_gb": 5.0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
+    with pytest.raises(ConfigError, match=r"needs about 5.0 GB .* and cuda has 3.0 GB free: set restore.batch_size=2 "):
+        CR.check_fits(plan, torch.device("cuda"), 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
+    CR.check_fits(plan, torch.device("cuda"), 4)  # exactly fits
+    CR.check_fits({"gb": 9.0}, torch.device("cuda"), 4)  # no product planned: nothing to check
