@@ -889,3 +889,162 @@ def test_add_to_outputs_skips_none_deltas_and_counts_modules():
     assert none.realised_norm == 0.0 and math.isnan(none.realised_cos)
     with pytest.raises(ValueError, match="2 deltas for 3 modules"):
         AddToOutputs(attn, d[:2])
+
+
+# ------------------------------------------------------------------------------- gdro.py --
+class _LM(torch.nn.Module):
+    """A causal-LM stand-in: logits from embeddings, the attention mask zeroing padded rows."""
+
+    def __init__(self, vocab=7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, vocab)
+        self.seen_masks = []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.seen_masks.append(attention_mask)
+        logits = self.emb(input_ids)
+        if attention_mask is not None:
+            logits = logits * attention_mask.unsqueeze(-1)
+        return SimpleNamespace(logits=logits)
+
+
+def _gdro(**sampler):
+    from vaa.config.schema import DROConfig
+    from vaa.methods.gdro import GroupDRO
+
+    dro = OmegaConf.merge(OmegaConf.structured(DROConfig), {"sampler": {"eta": 0.5, **sampler}})
+    return GroupDRO(dro=dro)
+
+
+def test_gdro_datamodule_counts_groups_and_passes_the_extra_streams(monkeypatch):
+    import vaa.data.datamodule as dmod
+
+    seen = {}
+    monkeypatch.setattr(dmod, "SFTDataModule", lambda *a, **kw: seen.update(kw) or "dm")
+    m = _gdro()
+    with pytest.raises(ValueError, match=r"^method=gdro needs vulnerability groups: set dro.groups_file or "
+                                         r"let the estimate stage run \(dro.groups_file=null\)$"):
+        m.make_datamodule([], None, groups=None)
+    assert m.make_datamodule([], None, groups=[0, 1, 1, 0, 1], extra={"harmful": 1}, batch_size=2) == "dm"
+    assert m.group_sizes == [2, 3] and seen["extra"] == {"harmful": 1} and seen["groups"] == [0, 1, 1, 0, 1]
+    assert seen["batch_size"] == 2
+
+
+def test_gdro_step_reweights_group_losses_and_keeps_q_over_a_new_setup():
+    """vaa.md §6: loss = Σ_g q_g ℓ_g with q updated first (update_q); setup again keeps q."""
+    from vaa.methods.dro.reweight import GroupLossReweighter, per_sample_token_mean_ce
+
+    m = _gdro(init="empirical")
+    m.group_sizes = [1, 3]
+    module = _Module(_LM())
+    m.setup(module, None)
+    assert m.reweighter.probs == pytest.approx([0.25, 0.75]) and m.reweighter.eta == 0.5
+    assert m.state_dict()["reweighter"]["num_groups"] == 2
+    batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+             "labels": torch.tensor([[-100, 2, 3], [-100, 5, -100]]), "group": torch.tensor([0, 1])}
+    ref = GroupLossReweighter(num_groups=2, eta=0.5, init="empirical", group_sizes=[1, 3])
+    lm = copy.deepcopy(module.model)
+    want = ref.step(per_sample_token_mean_ce(lm(batch["input_ids"], batch["attention_mask"]).logits,
+                                             batch["labels"]), batch["group"])
+    logs = m.training_step(module, batch)
+    assert torch.equal(module.model.seen_masks[-1], batch["attention_mask"])
+    assert float(logs["loss"]) == pytest.approx(float(want.detach())) and "grad_norm" in logs
+    assert float(logs["dro/p_vulnerable"]) == pytest.approx(ref.probs[1])
+    q = m.reweighter.probs
+    m.setup(module, None)  # Lightning may call setup again (e.g. after restore): q kept
+    assert m.reweighter.probs == q
+    frozen = _gdro(update_q=False)
+    frozen.group_sizes = [1, 1]
+    frozen.setup(_Module(_LM()), None)
+    frozen.training_step(_Module(_LM()), batch)
+    assert frozen.reweighter.probs == [0.5, 0.5]
+
+
+def test_gdro_state_round_trip_and_empty_states():
+    m = _gdro()
+    assert m.state_dict() == {}
+    m.load_state_dict({"reweighter": None})  # no reweighter yet: ignored
+    m.group_sizes = [2, 2]
+    m.setup(_Module(_LM()), None)
+    m.load_state_dict({})
+    state = m.state_dict()
+    state["reweighter"]["q"] = [0.3, 0.7]
+    m.load_state_dict(state)
+    assert m.reweighter.probs == pytest.approx([0.3, 0.7])
+
+
+# ---------------------------------------------------------------- none.py, sft.py, base.py --
+def test_none_refuses_to_train_with_its_reason():
+    from vaa.methods.none import NoAlignment
+
+    with pytest.raises(RuntimeError, match=r"^method=none trains nothing: its aligned artifact is the base model "
+                                           r"\(plan_keys gives it the base's key\); this step is never reached$"):
+        NoAlignment().training_step(None, None)
+    assert NoAlignment.identity is True and NoAlignment.name == "none"
+
+
+class _Sched:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05, 1e6])
+def test_apply_gradients_clips_steps_schedules_and_zeroes(clip):
+    """TrainingMethod.apply_gradients: global-L2 clip at recipe.grad_clip (0 = off), optimizer
+    step, schedule step, gradients set to None; returns the pre-clip norm."""
+    from vaa.methods.base import TrainingMethod
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(1))  # a parameter without gradient is skipped
+    model.register_parameter("frozen", frozen)
+    module = _Module(model)
+    sched = _Sched()
+    module.lr_schedulers = lambda: sched
+    module.recipe.grad_clip = clip
+    loss = model(torch.randn(4, 3)).square().sum()
+    loss.backward()
+    g = [p.grad.clone() for p in (model.weight, model.bias)]
+    n = math.sqrt(sum(float(x.square().sum()) for x in g))
+    theta = [model.weight.detach().clone(), model.bias.detach().clone()]
+    out = TrainingMethod().apply_gradients(module)
+    assert float(out) == pytest.approx(n, rel=1e-5)
+    coef = min(1.0, clip / (n + 1e-6)) if clip > 0 else 1.0
+    for p, t, x in zip((model.weight, model.bias), theta, g):
+        assert torch.allclose(p, t - coef * x, atol=1e-6)
+    assert model.weight.grad is None and frozen.grad is None and sched.steps == 1
+
+
+def test_measure_at_first_step_then_every_log_interval():
+    from vaa.methods.base import TrainingMethod
+
+    m = TrainingMethod()
+    trainer = SimpleNamespace(log_every_n_steps=5, precision="bf16-mixed")
+    mod = SimpleNamespace(_trainer=trainer, global_step=3)
+    assert m.measure_at(mod) == "bf16-mixed"  # the first call always measures
+    assert m.measure_at(mod) is None
+    mod.global_step = 10
+    assert m.measure_at(mod) == "bf16-mixed"
+    mod.global_step = 11
+    assert m.measure_at(mod) is None
+    trainer.log_every_n_steps = 0  # treated as every step
+    assert m.measure_at(mod) == "bf16-mixed"
+    bare = TrainingMethod()
+    assert bare.measure_at(SimpleNamespace(global_step=7)) == "32-true"
+    assert bare.measure_at(SimpleNamespace(global_step=7)) == "32-true"  # no trainer: every step
+
+
+def test_base_defaults():
+    from vaa.methods.base import TrainingMethod
+
+    m = TrainingMethod(a=1)
+    assert m.hparams == {"a": 1} and m.stream_batch_size("harmful", 6) == 6
+    assert m.state_dict() == {} and m.load_state_dict({"x": 1}) is None
+    assert TrainingMethod.passes_per_step == 1 and TrainingMethod.fsdp_safe is False
+    assert TrainingMethod.requires_groups is False and TrainingMethod.requires == ()
+    with pytest.raises(NotImplementedError):
+        m.training_step(None, None)
