@@ -1048,3 +1048,93 @@ def test_base_defaults():
     assert TrainingMethod.requires_groups is False and TrainingMethod.requires == ()
     with pytest.raises(NotImplementedError):
         m.training_step(None, None)
+
+
+def test_schema_check_messages_say_what_the_value_means():
+    def messages(module, name, **values):
+        node = OmegaConf.merge(OmegaConf.structured(_cfg(module, name)), values)
+        out: list = []
+        _cfg(module, name).check(Checker(node, "m.", out))
+        return [msg for _, msg in out]
+
+    assert messages("booster", "BoosterMethodConfig", harmful_batch_size=0) == [
+        "m.harmful_batch_size=0: must be an integer >= 1 or null (null: the alignment batch size)"]
+    assert messages("ema", "EMAConfig", beta=1.0) == ["m.beta=1.0: must be in [0, 1) (the EMA decay)"]
+    assert messages("lisa", "LisaConfig", align_steps=0, finetune_steps=0) == [
+        "m.align_steps=0: align_steps and finetune_steps cannot both be 0"]
+
+
+# -------------------------------------------------------------------------------- ema.py --
+def _toy_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+
+def _xy(seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(5, 3, generator=g), "y": torch.randn(5, 1, generator=g)}
+
+
+@pytest.mark.parametrize("variant", ["shadow", "write_back"])
+def test_ema_shadow_is_beta_lerp_of_the_stepped_weights(variant):
+    """baselines.md §6: θ_ema ← β·θ_ema + (1−β)·θ_t after each step (θ_ema starts at θ_0);
+    write_back also sets θ_t ← θ_ema; on_train_end writes θ_ema into the model."""
+    from vaa.methods.ema import EMA
+
+    model, batch = _toy_model(), _xy()
+    module = _Module(model)
+    m = EMA(beta=0.8, variant=variant)
+    m.setup(module, None)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    _l, g = _grad_at(_net_at(model, theta0), batch)
+    logs = m.training_step(module, batch)
+    stepped = [t - x for t, x in zip(theta0, g)]
+    want = [0.8 * t + 0.2 * s for t, s in zip(theta0, stepped)]
+    for s, w in zip(m.shadow, want):
+        assert s.dtype == torch.float32 and torch.allclose(s, w, atol=1e-6)
+    for p, s, w in zip(model.parameters(), stepped, want):
+        assert torch.allclose(p, w if variant == "write_back" else s, atol=1e-6)
+    assert float(logs["ema/beta"]) == pytest.approx(0.8)
+    m.on_train_end(module)
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p, w, atol=1e-6)
+
+
+def test_ema_anchor_weight_sets_beta_and_the_state_round_trips():
+    from vaa.methods.ema import EMA
+
+    module = _Module(_toy_model(), total_steps=4)
+    m = EMA(anchor_weight_at_end=0.0625)
+    m.setup(module, None)
+    assert m.beta == pytest.approx(0.5) and EMA().beta == 0.995 and EMA().variant == "shadow"
+    m.training_step(module, _xy())
+    state = m.state_dict()
+    assert state["beta"] == m.beta and all(s.device.type == "cpu" for s in state["shadow"])
+    fresh = EMA(beta=0.3)
+    fresh.load_state_dict({})
+    assert fresh.beta == 0.3 and fresh.shadow == []
+    fresh.load_state_dict(state)  # before setup: taken as is
+    assert fresh.beta == m.beta and all(torch.equal(a, b) for a, b in zip(fresh.shadow, m.shadow))
+    other = EMA(beta=0.3)
+    other.setup(_Module(_toy_model()), None)
+    keep = list(other.shadow)
+    other.load_state_dict(state)  # after setup: copied into the existing buffers
+    assert all(a is b for a, b in zip(other.shadow, keep))
+    assert all(torch.equal(a, b) for a, b in zip(other.shadow, m.shadow))
+    other.setup(_Module(_toy_model()), None)  # a second setup keeps the restored shadow
+    assert all(torch.equal(a, b) for a, b in zip(other.shadow, m.shadow))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"variant": "x"}, r"ft_defense.variant must be one of \('shadow', 'write_back'\), got 'x'"),
+    ({"beta": 1.0}, r"ft_defense.beta must be in \[0, 1\), got 1.0"),
+    ({"beta": -0.1}, r"ft_defense.beta must be in \[0, 1\), got -0.1"),
+    ({"anchor_weight_at_end": 1.0}, r"ft_defense.anchor_weight_at_end must be in \(0, 1\), got 1.0"),
+    ({"anchor_weight_at_end": 0.0}, r"ft_defense.anchor_weight_at_end must be in \(0, 1\), got 0.0"),
+])
+def test_ema_rejects_out_of_range_knobs(kw, msg):
+    from vaa.methods.ema import EMA
+
+    with pytest.raises(ValueError, match=msg):
+        EMA(**kw)
+    EMA(beta=0.0)  # the closed end is allowed
