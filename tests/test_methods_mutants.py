@@ -1138,3 +1138,104 @@ def test_ema_rejects_out_of_range_knobs(kw, msg):
     with pytest.raises(ValueError, match=msg):
         EMA(**kw)
     EMA(beta=0.0)  # the closed end is allowed
+
+
+# ------------------------------------------------------------------------------- lisa.py --
+@pytest.mark.parametrize("args,want", [
+    ((100, 900, 126, 6), (2, 19)),   # the docstring's example
+    ((100, 900, 6000, 6), (100, 900)),  # 6 cycles fit: kept
+    ((100, 900, 1000, 0), (100, 900)),  # min_cycles 0: off
+    ((0, 5, 10, 6), (0, 5)),
+    ((5, 0, 10, 6), (5, 0)),
+    ((1, 1, 3, 2), (1, 1)),          # cycle·min_cycles = 4 > 3: new = max(2, 1) = 2
+    ((9, 1, 20, 5), (3, 1)),         # new = 4, round(3.6) = 4 capped at new − 1
+    ((1, 99, 50, 5), (1, 9)),        # round(0.1) = 0 floored at 1
+    ((3, 3, 12, 2), (3, 3)),         # exactly fits (6·2 = 12): kept
+])
+def test_lisa_cycle_lengths(args, want):
+    from vaa.methods.lisa import cycle_lengths
+
+    assert cycle_lengths(*args) == want
+
+
+@pytest.mark.parametrize("a,f", [(-1, 5), (5, -1), (0, 0)])
+def test_lisa_cycle_lengths_rejects_negative_or_empty_cycles(a, f):
+    from vaa.methods.lisa import cycle_lengths
+
+    with pytest.raises(ValueError, match=rf"must be >= 0 and not both 0, got {a}/{f}"):
+        cycle_lengths(a, f, 100, 0)
+
+
+def test_lisa_proximal_step_alternates_states_and_anchors():
+    """baselines.md §5: in state s the gradient is ∇loss + ρ(θ − θ̃_other); θ̃_s is the
+    parameters at the end of state s; the alignment state trains on the alignment stream."""
+    from vaa.methods.lisa import ALIGN, FINETUNE, Lisa
+
+    model, user, align = _toy_model(), _xy(5), _xy(6)
+    module = _Module(model, total_steps=10)
+    stream = _Stream([align])
+    m = Lisa(align_steps=1, finetune_steps=2, rho=0.5, warmup_fraction=0.0, min_cycles=0)
+    m.setup(module, SimpleNamespace(streams={"alignment": stream}))
+    assert m.k == {ALIGN: 1, FINETUNE: 2} and m.state == ALIGN
+    th = [[p.detach().clone() for p in model.parameters()]]
+
+    def step(batch_used, anchor):
+        theta = [p.detach().clone() for p in model.parameters()]
+        _l, g = _grad_at(_net_at(model, theta), batch_used)
+        logs = m.training_step(module, user)
+        module.global_step += 1
+        for p, t, x, a in zip(model.parameters(), theta, g, anchor):
+            assert torch.allclose(p, t - (x + 0.5 * (t - a)), atol=1e-6)
+        return logs, theta
+
+    module.global_step = 0  # 0 > 0·10 is false: no proximal term on the very first step
+    theta = [p.detach().clone() for p in model.parameters()]
+    _l, g = _grad_at(_net_at(model, theta), align)
+    logs = m.training_step(module, user)
+    module.global_step += 1
+    assert "lisa/proximal" not in logs and float(logs["lisa/state"]) == 1.0 and stream.calls[0] == 1
+    for p, t, x in zip(model.parameters(), theta, g):
+        assert torch.allclose(p, t - x, atol=1e-6)
+    theta1 = [p.detach().clone() for p in model.parameters()]
+    assert m.state == FINETUNE and all(torch.equal(a, t) for a, t in zip(m.anchors[ALIGN], theta1))
+    logs, _ = step(user, theta1)          # finetune 1: anchor θ̃_A = θ1 (zero drift)
+    assert float(logs["lisa/state"]) == 0.0 and float(logs["lisa/drift"]) == pytest.approx(0.0, abs=1e-7)
+    logs, theta2 = step(user, theta1)     # finetune 2: drift θ2 − θ1
+    d2 = sum(float((a - b).square().sum()) for a, b in zip(theta2, theta1))
+    assert float(logs["lisa/proximal"]) == pytest.approx(0.25 * d2, rel=1e-5)
+    assert float(logs["lisa/drift"]) == pytest.approx(math.sqrt(d2), rel=1e-5)
+    theta3 = [p.detach().clone() for p in model.parameters()]
+    assert m.state == ALIGN and m.in_state == 0
+    assert all(torch.equal(a, t) for a, t in zip(m.anchors[FINETUNE], theta3))
+    step(align, theta3)                   # back in the alignment state, on the alignment stream
+    assert m.history == [ALIGN, FINETUNE, FINETUNE, ALIGN] and stream.calls[0] == 2
+    state = m.state_dict()
+    other = Lisa(align_steps=1, finetune_steps=2, min_cycles=0)
+    other.load_state_dict({})
+    assert other.anchors == {} and other.state == ALIGN
+    other.load_state_dict(state)
+    assert other.state == m.state and other.in_state == m.in_state and other.history == m.history
+    assert all(torch.equal(a, b) for a, b in zip(other.anchors[ALIGN], m.anchors[ALIGN]))
+    other.setup(_Module(_toy_model(), total_steps=10), SimpleNamespace(streams={"alignment": stream}))
+    assert all(torch.equal(a, b) for a, b in zip(other.anchors[FINETUNE], m.anchors[FINETUNE]))  # kept
+
+
+def test_lisa_warmup_and_rho_zero_skip_the_proximal_term_and_finetune_only_never_switches():
+    from vaa.methods.lisa import FINETUNE, Lisa
+
+    for kw, gs in [({"rho": 1.0, "warmup_fraction": 0.5}, 5), ({"rho": 0.0, "warmup_fraction": 0.0}, 3)]:
+        module = _Module(_toy_model(), total_steps=10)
+        module.global_step = gs
+        m = Lisa(align_steps=1, finetune_steps=1, min_cycles=0, **kw)
+        m.setup(module, SimpleNamespace(streams={"alignment": _Stream([_xy(6)])}))
+        assert "lisa/proximal" not in m.training_step(module, _xy(5))
+    module = _Module(_toy_model(), total_steps=10)
+    m = Lisa(align_steps=0, finetune_steps=2, min_cycles=0, anchor_device="cpu")
+    m.setup(module, SimpleNamespace(streams={"alignment": _Stream([_xy(6)])}))
+    assert m.state == FINETUNE
+    for _ in range(5):
+        m.training_step(module, _xy(5))
+    assert m.history == [FINETUNE] * 5
+    assert (m.align_steps, m.finetune_steps, m.rho, m.warmup_fraction, m.min_cycles) == (0, 2, 1.0, 0.1, 0)
+    d = Lisa()
+    assert (d.align_steps, d.finetune_steps, d.rho, d.warmup_fraction, d.min_cycles) == (100, 900, 1.0, 0.1, 6)
