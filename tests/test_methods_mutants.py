@@ -1239,3 +1239,70 @@ def test_lisa_warmup_and_rho_zero_skip_the_proximal_term_and_finetune_only_never
     assert (m.align_steps, m.finetune_steps, m.rho, m.warmup_fraction, m.min_cycles) == (0, 2, 1.0, 0.1, 0)
     d = Lisa()
     assert (d.align_steps, d.finetune_steps, d.rho, d.warmup_fraction, d.min_cycles) == (100, 900, 1.0, 0.1, 6)
+
+
+# -------------------------------------------------------------------------- lookahead.py --
+class _WordTok:
+    """Whitespace 'tokenizer': one id per word; decode joins with spaces."""
+
+    def __init__(self):
+        self.vocab: list[str] = []
+        self.calls = []
+
+    def __call__(self, text, add_special_tokens=True):
+        self.calls.append(add_special_tokens)
+        ids = []
+        for w in text.split():
+            if w not in self.vocab:
+                self.vocab.append(w)
+            ids.append(self.vocab.index(w))
+        return {"input_ids": ids}
+
+    def decode(self, ids, clean_up_tokenization_spaces=True):
+        self.calls.append(("clean", clean_up_tokenization_spaces))
+        return " ".join(self.vocab[i] for i in ids)
+
+
+def test_lookahead_rows_real_and_virtual_with_and_without_input():
+    """baselines.md §7: real: the first preview_tokens of the answer are appended (after the
+    connector) to the input, or to the instruction when there is no input; virtual: a fixed
+    prefix is both previewed and prepended to the answer."""
+    from vaa.data.formats import Example
+    from vaa.methods.lookahead import CONNECTOR, lookahead_row
+
+    tok = _WordTok()
+    ex = Example("Do it", "", "one two three four")
+    row = lookahead_row(ex, tok, "real", preview_tokens=2)
+    assert row.instruction == "Do it" + CONNECTOR + "one two" and row.input == "" and row.output == ex.output
+    assert tok.calls == [False, ("clean", False)]  # no special tokens, spaces kept as decoded
+    with_input = lookahead_row(Example("Do it", "ctx", "a b c"), tok, preview_tokens=6)
+    assert with_input.input == "ctx" + CONNECTOR + "a b c" and with_input.instruction == "Do it"
+    v = lookahead_row(ex, tok, "virtual", virtual_prefix="P. ", connector=" | ")
+    assert v.instruction == "Do it | P. " and v.output == "P. one two three four"
+    zero = lookahead_row(ex, tok, "real", preview_tokens=0)
+    assert zero.instruction == "Do it" + CONNECTOR
+    with pytest.raises(ValueError, match=r"ft_defense.mode must be one of \('real', 'virtual'\), got 'x'"):
+        lookahead_row(ex, tok, "x")
+
+
+def test_lookahead_method_transforms_the_rows_it_trains_on(monkeypatch):
+    from vaa.data.formats import Example
+    from vaa.methods import sft
+    from vaa.methods.lookahead import LookAhead
+
+    seen = {}
+    monkeypatch.setattr(sft.SFT, "make_datamodule", lambda self, rows, tok, **kw: seen.update(rows=rows, kw=kw) or "dm")
+    m = LookAhead(mode="virtual", virtual_prefix="V ", connector=" # ", preview_tokens=3)
+    assert (m.mode, m.preview_tokens, m.virtual_prefix, m.connector) == ("virtual", 3, "V ", " # ")
+    assert m.make_datamodule([Example("i", "", "o")], _WordTok(), batch_size=2) == "dm"
+    assert seen["rows"] == [Example("i # V ", "", "V o")] and seen["kw"] == {"batch_size": 2}
+    real = LookAhead(preview_tokens=1)
+    real.make_datamodule([Example("i", "x", "o p")], _WordTok())
+    assert seen["rows"] == [Example("i", "x" + real.connector + "o", "o p")]
+    d = LookAhead()
+    assert (d.mode, d.preview_tokens, d.virtual_prefix) == ("real", 6, "Let's solve this problem. ")
+    with pytest.raises(ValueError, match=r"ft_defense.mode must be one of \('real', 'virtual'\), got 'y'"):
+        LookAhead(mode="y")
+    with pytest.raises(ValueError, match="ft_defense.preview_tokens must be >= 0, got -1"):
+        LookAhead(preview_tokens=-1)
+    LookAhead(preview_tokens=0)
