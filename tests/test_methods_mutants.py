@@ -1306,3 +1306,83 @@ def test_lookahead_method_transforms_the_rows_it_trains_on(monkeypatch):
     with pytest.raises(ValueError, match="ft_defense.preview_tokens must be >= 0, got -1"):
         LookAhead(preview_tokens=-1)
     LookAhead(preview_tokens=0)
+
+
+def test_repnoise_ascent_term_and_mmd_match_their_formulas():
+    """baselines.md §3: ascent = log(Σ/(N_L+2) + 1) (mean) or log(Σ/(N_L+1) + 1) (upstream);
+    MMD² with Σ_{i=0..4} exp(−d²/(b·2^{i−2})), b = mean pairwise squared distance."""
+    from vaa.methods.repnoise import ascent_term, mmd
+
+    ce, lens = torch.tensor(2.0), [torch.tensor(1.0), torch.tensor(3.0), torch.tensor(0.5)]
+    assert float(ascent_term(ce, lens)) == pytest.approx(math.log(6.5 / 4 + 1))
+    assert float(ascent_term(ce, lens, "upstream")) == pytest.approx(math.log(6.5 / 3 + 1))
+    with pytest.raises(ValueError, match=r"method.layer_average must be one of \('mean', 'upstream'\), got 'x'"):
+        ascent_term(ce, lens, "x")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 4, generator=g), torch.randn(2, 4, generator=g) + 1.0
+    z = torch.cat([x, y]).double()
+    d2 = torch.cdist(z, z).pow(2)
+    b = d2.sum() / (5 * 5 - 5)
+    k = sum(torch.exp(-d2 / (b * 2.0 ** (i - 2))) for i in range(5))
+    want = k[:3, :3].mean() + k[3:, 3:].mean() - 2 * k[:3, 3:].mean()
+    assert float(mmd(x, y)) == pytest.approx(float(want), rel=1e-4)
+    k3 = sum(torch.exp(-d2 / (b * 3.0 ** (i - 1))) for i in range(3))
+    want3 = k3[:3, :3].mean() + k3[3:, 3:].mean() - 2 * k3[:3, 3:].mean()
+    assert float(mmd(x, y, kernels=3, mul=3.0)) == pytest.approx(float(want3), rel=1e-4)
+    assert float(mmd(x, x.clone())) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_repnoise_masked_ce_is_the_shifted_ce_at_kept_positions_and_zero_without_any():
+    from vaa.methods.repnoise import masked_ce
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 4, 3, generator=g, requires_grad=True)
+    ids = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]])
+    keep = torch.tensor([[False, True, True], [True, False, False]])
+    head = torch.nn.Linear(3, 3)
+    got = masked_ce(head, hidden, ids, keep)
+    logits = head(hidden[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep])
+    assert float(got.detach()) == pytest.approx(float(want.detach()))
+    none = masked_ce(head, hidden, ids, torch.zeros_like(keep))
+    assert float(none.detach()) == 0.0 and none.requires_grad
+
+
+def test_repnoise_masks_response_and_diff_tokens():
+    from vaa.methods.repnoise import RepNoise
+
+    harm = {"input_ids": torch.tensor([[1, 5, 6, 0], [1, 7, 8, 9]]), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+            "labels": torch.tensor([[-100, -100, 6, 0], [-100, 7, 8, -100]])}
+    safe = {"input_ids": torch.tensor([[1, 5, 3], [1, 2, 8], [1, 1, 1]]), "attention_mask": torch.ones(3, 3, dtype=torch.long),
+            "labels": torch.tensor([[-100, 5, 3], [-100, 2, 8], [-100, 1, 1]])}
+    r = RepNoise()
+    used, m_harm, m_safe = r.masks(harm, safe)
+    assert used is safe and m_safe is None
+    assert m_harm.tolist() == [[False, True, True], [True, True, False]]
+    d = RepNoise(mask="diff_tokens")
+    used, m_harm, m_safe = d.masks(harm, safe)
+    assert used["input_ids"].tolist() == [[1, 5, 3, 0], [1, 2, 8, 0]]  # 2 rows, padded with id 0
+    assert m_harm.tolist() == [[False, True, False], [True, False, True]]  # differs, harmful id != 0
+    assert m_safe.tolist() == [[False, True, False], [True, False, False]]  # differs, harmless id != 0
+
+
+def test_repnoise_knobs_setup_errors_and_noise_state():
+    from vaa.methods.repnoise import LAYER, RepNoise
+
+    r = RepNoise(noise_weight=2, ascent_weight=3, seed=5)
+    assert (r.beta, r.alpha, r.mask, r.layer_average) == (2.0, 3.0, "response", "mean")
+    assert r.layer_pattern == LAYER and r.final_norm == "norm" and RepNoise.passes_per_step == 2
+    d = RepNoise()
+    assert (d.beta, d.alpha) == (0.001, 1.0)
+    with pytest.raises(ValueError, match=r"method.mask must be one of \('response', 'diff_tokens'\), got 'x'"):
+        RepNoise(mask="x")
+    with pytest.raises(ValueError, match=r"method.layer_average must be one of \('mean', 'upstream'\), got 'y'"):
+        RepNoise(layer_average="y")
+    a = torch.randn(3, generator=r.noise)
+    state = r.state_dict()
+    b = torch.randn(3, generator=r.noise)
+    r2 = RepNoise(seed=5)
+    assert torch.equal(torch.randn(3, generator=r2.noise), a)  # the seed seeds the noise
+    r2.load_state_dict({})
+    r2.load_state_dict(state)
+    assert torch.equal(torch.randn(3, generator=r2.noise), b)
