@@ -960,3 +960,49 @@ def test_check_fits_reads_a_cuda_devices_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
     CR.check_fits(plan, torch.device("cuda"), 4)  # exactly fits
     CR.check_fits({"gb": 9.0}, torch.device("cuda"), 4)  # no product planned: nothing to check
+
+
+def _panacea_module(model, precision=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    from vaa.training.module import response_loss
+    m = SimpleNamespace(model=model, optimizers=lambda: opt, lr_schedulers=lambda: None,
+                        recipe=SimpleNamespace(grad_clip=0.0), global_step=0, device=torch.device("cpu"),
+                        manual_backward=lambda loss: loss.backward())
+    m.lm_loss = lambda b, model=None: response_loss(model or m.model, b)
+    if precision is not None:
+        m._trainer = SimpleNamespace(precision=precision, log_every_n_steps=1, strategy=None)
+    return m
+
+
+def test_panacea_step_logs_its_losses_and_the_realised_eps_and_keeps_its_hparams():
+    """Logged: the user loss, h(w), h(w + ε) clamped, the gradient norm and, on a measured
+    step, the realised ‖ε‖ (= ρ in fp32) and its cosine; the method's hparams are its own."""
+    from vaa.restore.panacea import PanaceaStep
+    from vaa.training.module import response_loss
+    model = tiny_llama(0)
+    user, guide = lm_batch(5), lm_batch(6)
+    step = PanaceaStep(lam=2.0, rho=0.5, clamp=1.0)
+    assert step.hparams == {"lam": 2.0, "rho": 0.5, "clamp": 1.0}
+    module = _panacea_module(model)
+    step.setup(module, SimpleNamespace(streams={"harmful": SimpleNamespace(next_batch=lambda g: guide)}))
+    with torch.no_grad():
+        f, h = float(response_loss(model, user)), float(response_loss(model, guide))
+    logs = step.training_step(module, user)
+    assert set(logs) == {"loss", "harmful_loss", "harmful_loss_eps", "grad_norm",
+                         "eps_realised_norm", "eps_realised_cos"}
+    assert float(logs["loss"]) == pytest.approx(f, rel=1e-5) and float(logs["harmful_loss"]) == pytest.approx(h, rel=1e-5)
+    assert float(logs["harmful_loss_eps"]) == 1.0  # h(w + ε) > 1 here: clamped
+    assert float(logs["eps_realised_norm"]) == pytest.approx(0.5, rel=1e-3)
+    assert float(logs["eps_realised_cos"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_panacea_step_refuses_an_eps_rounded_away_naming_restore_rho():
+    from vaa.methods.precision import PerturbationRoundedAway
+    from vaa.restore.panacea import PanaceaStep
+    model = tiny_llama(0).to(torch.bfloat16)
+    guide = lm_batch(6)
+    step = PanaceaStep(lam=1.0, rho=1e-6, clamp=100.0)
+    module = _panacea_module(model, precision="bf16-true")
+    step.setup(module, SimpleNamespace(streams={"harmful": SimpleNamespace(next_batch=lambda g: guide)}))
+    with pytest.raises(PerturbationRoundedAway, match=r"restore\.rho"):
+        step.training_step(module, lm_batch(5))
