@@ -808,7 +808,7 @@ def test_vaccine_both_passes_on_tuple_list_and_plain_outputs():
     for p, w in zip(model.parameters(), want):
         assert torch.allclose(p.grad, w, atol=1e-6)
     assert float(logs["loss"]) == pytest.approx(float(loss1.detach()), rel=1e-6)
-    assert float(logs["loss_clean"]) == pytest.approx(float(loss0), rel=1e-6)
+    assert float(logs["loss_clean"]) == pytest.approx(float(loss0.detach()), rel=1e-6)
     assert float(logs["hidden_grad_norm"]) == pytest.approx(n, rel=1e-5)
     assert float(logs["eps_norm"]) == pytest.approx(0.7, rel=1e-5)
     assert float(logs["eps_realised_norm"]) == pytest.approx(0.7, rel=1e-4)
