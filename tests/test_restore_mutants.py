@@ -637,12 +637,19 @@ def test_fit_probe_separates_and_returns_the_probe_in_the_original_feature_space
     acc = float(((x @ w + b > 0).float() == y).float().mean())
     assert acc >= 0.95
     assert abs(float(w[0])) * float(x[:, 0].std()) > 3 * abs(float(w[1])) * float(x[:, 1].std())
-    # the same fit in standardised coordinates (the probe's own parametrisation)
+    # the fit itself is in standardised coordinates: Adam (lr 0.05) on z = (x − μ)/σ
     mu, sd = x.mean(0), x.std(0)
     z = (x - mu) / sd
-    wz = w * sd
-    bz = b + (mu * w).sum()
-    torch.testing.assert_close(z @ wz + bz, x @ w + b, rtol=1e-4, atol=1e-3)
+    wz = torch.zeros(3, requires_grad=True)
+    bz = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([wz, bz], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        (torch.nn.functional.binary_cross_entropy_with_logits(z @ wz + bz, y) + 1e-3 * wz.abs().sum()).backward()
+        opt.step()
+    torch.testing.assert_close(w, (wz / sd).detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b, (bz - (mu * wz / sd).sum()).detach(), rtol=1e-4, atol=1e-5)
+    assert float(wz[0].detach()) > 1.0
     w0, _ = fit_probe(x, y, l1=10.0, steps=200)
     assert float((w0 * sd).abs().max()) < 0.05
     more, _ = fit_probe(x, y, l1=1e-3, steps=20)
@@ -1006,3 +1013,13 @@ def test_panacea_step_refuses_an_eps_rounded_away_naming_restore_rho():
     step.setup(module, SimpleNamespace(streams={"harmful": SimpleNamespace(next_batch=lambda g: guide)}))
     with pytest.raises(PerturbationRoundedAway, match=r"restore\.rho"):
         step.training_step(module, lm_batch(5))
+
+
+def test_q_realign_probes_read_the_last_prompt_token():
+    """Probes are fitted on the last prompt token's hidden state (left-padded prompts): on a
+    model identical to the aligned one, block 0's probe separates its 5 training prompts."""
+    from vaa.restore.q_realign import QRealign
+    aligned = tiny_llama(0)
+    r = QRealign(n_harmful=3, n_task=2, batch_size=2, bits=8, epochs=1, probe_steps=300, targets=["v_proj"])
+    r.restore(copy.deepcopy(aligned), _qr_inputs(aligned))
+    assert r.info["probe_acc_finetuned"][0] == 1.0
