@@ -1386,3 +1386,20 @@ def test_repnoise_knobs_setup_errors_and_noise_state():
     r2.load_state_dict({})
     r2.load_state_dict(state)
     assert torch.equal(torch.randn(3, generator=r2.noise), b)
+
+
+def test_vaa_datamodule_needs_groups_and_artifacts_get_trajectory_and_stats(monkeypatch, tmp_path):
+    import vaa.data.group_stream as gs
+    import vaa.methods.vaa as vaa_mod
+
+    method, *_ = _toy_vaa()
+    with pytest.raises(ValueError, match=r"^method=vaa needs vulnerability groups: set dro.groups_file or let "
+                                         r"the estimate stage run \(dro.groups_file=null\)$"):
+        method.make_datamodule([], None, groups=None)
+    monkeypatch.setattr(gs, "GroupDataModule", lambda *a, **kw: (a, kw))
+    assert method.make_datamodule(["e"], "tok", groups=[1], batch_size=3) == ((["e"], [1], "tok"), {"batch_size": 3})
+    seen = []
+    monkeypatch.setattr(vaa_mod, "write_trajectory", lambda *a: seen.append(a))
+    method.trajectory, method.stats = [(1, 0.5, 1.0, None)], {"steps": 1}
+    method.write_artifacts(tmp_path)
+    assert seen == [(tmp_path, [(1, 0.5, 1.0, None)], {"steps": 1})]
