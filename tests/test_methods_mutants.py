@@ -1403,3 +1403,188 @@ def test_vaa_datamodule_needs_groups_and_artifacts_get_trajectory_and_stats(monk
     method.trajectory, method.stats = [(1, 0.5, 1.0, None)], {"steps": 1}
     method.write_artifacts(tmp_path)
     assert seen == [(tmp_path, [(1, 0.5, 1.0, None)], {"steps": 1})]
+
+
+# ------------------------------------------------------------- more edges (second round) --
+def test_sft_step_and_base_datamodule(monkeypatch):
+    import vaa.data.datamodule as dmod
+    from vaa.methods.base import TrainingMethod
+    from vaa.methods.sft import SFT
+
+    model, batch = _toy_model(), _xy()
+    module = _Module(model)
+    theta = [p.detach().clone() for p in model.parameters()]
+    l0, g = _grad_at(_net_at(model, theta), batch)
+    logs = SFT().training_step(module, batch)
+    for p, t, x in zip(model.parameters(), theta, g):
+        assert torch.allclose(p, t - x, atol=1e-6)
+    assert float(logs["loss"]) == pytest.approx(l0) and float(logs["grad_norm"]) > 0
+    seen = []
+    monkeypatch.setattr(dmod, "SFTDataModule", lambda *a, **kw: seen.append((a, kw)) or "dm")
+    m = TrainingMethod()
+    assert m.make_datamodule(["e"], "tok", extra={"h": 1}, batch_size=2) == "dm"
+    (args, kw), = seen
+    assert args == (["e"], "tok") and kw["extra"] == {"h": 1} and kw["batch_size"] == 2
+    assert kw["extra_batch_size"] == m.stream_batch_size
+
+
+def _tiny_grad_toy():
+    """A stack whose loss is scaled so that ‖∂f/∂e‖ is ~1e-7: the +1e-7 of ε's denominator shows."""
+    model, batch = _Toy(), _toy_batch()
+    module = _Module(model)
+    module.lm_loss = lambda b: 1e-7 * torch.nn.functional.mse_loss(model(b["x"]), b["y"])
+    return model, module, batch
+
+
+def test_vaccine_eps_denominator_is_norm_plus_1e_7():
+    from vaa.methods.vaccine import hidden_perturbation
+
+    model, module, batch = _tiny_grad_toy()
+    _clean, eps, norm = hidden_perturbation(module, batch, [l.self_attn for l in model.layers], 2.0)
+    n = float(norm)
+    got = math.sqrt(sum(float(e.square().sum()) for e in eps))
+    assert got == pytest.approx(2.0 * n / (n + 1e-7), rel=1e-5)
+
+
+class _SkipToy(_Toy):
+    """Block 1 runs but its output is not used: its ε is None (allow_unused)."""
+
+    def forward(self, x, eps=None):
+        x = x + self.layers[0].self_attn(x)[0]
+        self.layers[1].self_attn(x)
+        out = self.layers[2].self_attn(x)
+        return self.head(x + out)
+
+
+def test_vaccine_a_block_the_loss_ignores_gets_no_perturbation():
+    from vaa.methods.vaccine import hidden_perturbation, perturbed_backward
+
+    model = _SkipToy()
+    module = _Module(model)
+    layers = [l.self_attn for l in model.layers]
+    _clean, eps, _n = hidden_perturbation(module, _toy_batch(), layers, 1.0)
+    assert eps[1] is None and eps[0] is not None and eps[2] is not None
+    logs = perturbed_backward(module, _toy_batch(), layers, 1.0)
+    assert float(logs["eps_norm"]) == pytest.approx(1.0, rel=1e-5)
+
+
+def _bf16_module(model):
+    module = _Module(model)
+    module._trainer = SimpleNamespace(log_every_n_steps=1, precision="bf16-true", strategy=None)
+    return module
+
+
+def test_vaccine_and_booster_refuse_a_perturbation_that_rounds_away_naming_their_knob():
+    """precision.py: measured on the first step in the trainer's precision; an ε / α step that
+    vanishes in bf16 is refused with the method's own knob in the message."""
+    from vaa.methods.booster import Booster
+    from vaa.methods.vaccine import Vaccine
+
+    model = _Toy().to(torch.bfloat16)  # hidden states of magnitude ~1 in bf16: ρ = 1e-4 rounds away
+    module = _bf16_module(model)
+    module.lm_loss = lambda b: torch.nn.functional.mse_loss(model(b["x"].bfloat16()).float(), b["y"])
+    v = Vaccine(rho=1e-4)
+    v.setup(module, None)
+    with pytest.raises(prec.PerturbationRoundedAway, match=r"^method=vaccine: in trainer.precision=bf16-true .* larger method.rho$"):
+        v.training_step(module, _toy_batch())
+    big = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    with torch.no_grad():
+        for p in big.parameters():
+            p.fill_(100.0)
+    module = _bf16_module(big)
+    b = Booster(alpha=1e-4, lam=1.0)
+    b.setup(module, SimpleNamespace(streams={"harmful": _Stream([_xy(7)])}))
+    with pytest.raises(prec.PerturbationRoundedAway, match=r"^method=booster: in trainer.precision=bf16-true .* larger method.alpha$"):
+        b.training_step(module, _xy(8))
+
+
+def test_vaccine_training_step_measures_on_the_first_step():
+    from vaa.methods.vaccine import Vaccine
+
+    model = _Toy()
+    module = _Module(model)
+    module._trainer = SimpleNamespace(log_every_n_steps=50, precision="32-true", strategy=None)
+    module.global_step = 3
+    v = Vaccine(rho=0.5)
+    v.setup(module, None)
+    logs = v.training_step(module, _toy_batch())
+    assert float(logs["eps_realised_norm"]) == pytest.approx(0.5, rel=1e-4)
+    assert "eps_realised_norm" not in v.training_step(module, _toy_batch())
+
+
+def test_booster_sign_bug_moves_by_plus_alpha_twice_with_the_1e_7_denominator():
+    """``vaa_sign_bug``: g_h′ at θ + α·g_h/(‖g_h‖+1e-7) and θ left at θ + 2α·ĝ_h; G = g_a +
+    λ(g_h − g_h′) taken at θ + 2α·ĝ_h (baselines.md §4). A tiny loss scale makes the +1e-7 show."""
+    method, module, (hb, ab) = _toy_booster(lam=0.5, alpha=0.3, variant="vaa_sign_bug")
+    model = module.model
+    module.lm_loss = lambda b: 1e-7 * torch.nn.functional.mse_loss(model(b["x"]), b["y"])
+    theta = [p.detach().clone() for p in model.parameters()]
+
+    def grad(at, batch):
+        m = _net_at(model, at)
+        loss = 1e-7 * torch.nn.functional.mse_loss(m(batch["x"]), batch["y"])
+        return torch.autograd.grad(loss, list(m.parameters()))
+
+    gh = grad(theta, hb)
+    n = math.sqrt(sum(float(x.square().sum()) for x in gh))
+    s = 0.3 / (n + 1e-7)
+    moved = [t + s * x for t, x in zip(theta, gh)]
+    gh1 = grad(moved, hb)
+    at = [t + 2 * s * x for t, x in zip(theta, gh)]
+    ga = grad(at, ab)
+    method.training_step(module, ab)
+    for p, a, x, h, h1 in zip(model.parameters(), at, ga, gh, gh1):
+        assert torch.allclose(p, a - (x + 0.5 * (h - h1)), atol=1e-6, rtol=1e-5)
+
+
+def test_hooks_propagate_exceptions_and_keep_tuple_outputs():
+    from vaa.methods.hooks import AddToOutputs, CaptureOutputs
+
+    attn = _Attn("tuple")
+    with pytest.raises(KeyError):
+        with CaptureOutputs([attn]):
+            raise KeyError("body")
+    assert not attn._forward_hooks
+    with AddToOutputs([attn], [torch.ones(4)]):
+        out = attn(torch.zeros(1, 4))
+    assert isinstance(out, tuple) and out[1] is None and out[0].shape == (1, 4)
+    lst = _Attn("list")
+    with AddToOutputs([lst], [torch.ones(4)]):
+        out = lst(torch.zeros(1, 4))
+    assert isinstance(out, list) and out[1] is None
+
+
+def test_lisa_second_round_edges():
+    from vaa.methods.lisa import ALIGN, FINETUNE, Lisa, cycle_lengths
+
+    assert cycle_lengths(100, 900, 500, 1) == (50, 450)  # one cycle must fit as well
+    assert Lisa().in_state == 0 and Lisa().state == ALIGN
+    model = _toy_model()
+    spare = torch.nn.Parameter(torch.ones(2))  # trainable, outside the loss: its gradient is ρ·drift only
+    model.register_parameter("spare", spare)
+    module = _Module(model, total_steps=126)
+    m = Lisa(align_steps=100, finetune_steps=900, min_cycles=6, rho=0.5, warmup_fraction=0.0)
+    m.setup(module, SimpleNamespace(streams={"alignment": _Stream([_xy(6)])}))
+    assert m.k == {ALIGN: 2, FINETUNE: 19}
+    i = next(j for j, p in enumerate(m.params) if p is spare)
+    m.anchors[FINETUNE][i] = torch.zeros(2)  # pretend θ̃_F had spare = 0
+    module.global_step = 1
+    logs = m.training_step(module, _xy(5))
+    assert "loss" in logs and "grad_norm" in logs
+    assert torch.allclose(spare.detach(), torch.full((2,), 0.5))  # 1 − lr·ρ·(1 − 0)
+
+
+def test_small_second_round_edges():
+    from vaa.data.formats import Example
+    from vaa.methods.ema import EMA
+    from vaa.methods.hooks import layer_modules
+    from vaa.methods.lookahead import lookahead_row
+
+    v = lookahead_row(Example("i", "", "o"), _WordTok(), "virtual")
+    assert v.output == "Let's solve this problem. o"
+    module = _Module(_toy_model())
+    e = EMA(beta=0.5)
+    e.setup(module, None)
+    assert "grad_norm" in e.training_step(module, _xy()) and "loss" in e.training_step(module, _xy())
+    with pytest.raises(ValueError, match=r"per-layer attention / MLP block of this architecture$"):
+        layer_modules(_Toy(), "nothing")
