@@ -506,6 +506,7 @@ def test_cg_stops_at_the_relative_tolerance_and_counts_its_iterations():
     # a small b is solved as well as a large one (relative tolerance, no floor)
     xs, infos = C.cg_solve(lambda v: a @ v, b * 1e-6, 100, tol=1e-4)
     assert 2 <= infos["iters"] < 100 and infos["rel_residual"] <= 1.5e-4
+    assert infos["rel_residual"] == pytest.approx(float((b * 1e-6 - a @ xs).norm() / (b * 1e-6).norm()), rel=1e-2)
     torch.testing.assert_close(xs, x * 1e-6, rtol=1e-3, atol=1e-9)
 
 
@@ -910,7 +911,8 @@ def test_target_linears_match_the_last_name_part_inside_the_decoder_layers():
     assert model.lm_head not in target_linears(model, ["lm_head", "q_proj"])  # outside the layers
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     assert target_linears(plain, ["0"]) == [plain[0]]
-    with pytest.raises(ConfigError, match=r"restore.modules=\['qproj'\] matches no Linear module of the model"):
+    with pytest.raises(ConfigError, match=r"restore.modules=\['qproj'\] matches no Linear module of the model "
+                                          r"\(names are the last part of a module's name, e.g. q_proj, down_proj\)$"):
         target_linears(model, ["qproj"])
 
 
@@ -967,6 +969,35 @@ def test_check_fits_reads_a_cuda_devices_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * 2**30, 80 * 2**30))
     CR.check_fits(plan, torch.device("cuda"), 4)  # exactly fits
     CR.check_fits({"gb": 9.0}, torch.device("cuda"), 4)  # no product planned: nothing to check
+    # one row per product: the batch size that fits is counted per row (not per two rows)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**30, 80 * 2**30))
+    with pytest.raises(ConfigError, match=r"set restore.batch_size=1 "):
+        CR.check_fits({"gb": 1.0, "hvp_batch_gb": 2.0, "total_gb": 5.0}, torch.device("cuda"), 1)
+    # not even the vectors fit (or a product of no size): shrink the space instead
+    for plan in ({"gb": 5.0, "hvp_batch_gb": 0.0, "total_gb": 5.0}, {"gb": 4.5, "hvp_batch_gb": 1.0, "total_gb": 5.5}):
+        with pytest.raises(ConfigError, match=r"free: shrink restore.modules \(e.g. \[q_proj,v_proj\]\) or "
+                                              r"restore.curvature.backend$"):
+            CR.check_fits(plan, torch.device("cuda"), 4)
+
+
+def test_memory_plan_counts_each_backends_vectors_and_kfac_factors():
+    """gb = 4·(numel·vectors + K-FAC's Σ in² + out²)/2³⁰, rounded to 3 places; L-BFGS adds
+    2·history vectors, an unknown backend is planned at 6; 'what' names the factors."""
+    from omegaconf import OmegaConf
+    from vaa.restore.curvature import memory_plan
+    from vaa.restore.schema import CurvatureRestoreConfig
+    hp = OmegaConf.structured(CurvatureRestoreConfig)
+    p = [SimpleNamespace(numel=lambda: 10_000_000)]
+    mods = [SimpleNamespace(in_features=3000, out_features=2000)] * 2
+    for backend, vectors in (("identity", 3), ("diag_fisher", 4), ("cg", 6), ("kfac", 3), ("other", 6),
+                             ("lbfgs_ihvp", 4 + 2 * hp.curvature.history)):
+        hp.curvature.backend = backend
+        plan = memory_plan(p, mods, hp)
+        extra = 2 * (3000 ** 2 + 2000 ** 2) if backend == "kfac" else 0
+        assert plan["vectors"] == vectors
+        assert plan["gb"] == round(4 * (10_000_000 * vectors + extra) / 2**30, 3)
+        assert plan["what"] == f"{vectors} fp32 vectors of 10,000,000 entries" + (" + K-FAC factors" if extra else "")
+        assert "hvp_batch_gb" not in plan and "total_gb" not in plan
 
 
 def _panacea_module(model, precision=None):
