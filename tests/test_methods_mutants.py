@@ -505,6 +505,7 @@ def test_vaa_clean_step_at_lambda_zero_and_the_bernoulli_coin():
         assert (f"loss_perturbed/g{int(logs['dro/group'])}" in logs) == expect
         assert float(logs["dro/lambda"]) == pytest.approx(lam)
     assert method.stats["perturbed"] == perturbed and 0 < perturbed < 39
+    assert float(logs["dro/perturbed_fraction"]) == pytest.approx(perturbed / 40) and "grad_norm" in logs
     assert method.stats["passes"] == 40 + perturbed
 
 
@@ -1588,3 +1589,43 @@ def test_small_second_round_edges():
     assert "grad_norm" in e.training_step(module, _xy()) and "loss" in e.training_step(module, _xy())
     with pytest.raises(ValueError, match=r"per-layer attention / MLP block of this architecture$"):
         layer_modules(_Toy(), "nothing")
+
+
+def test_vaa_warns_when_a_group_is_empty_and_seeds_its_sampler(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="vaa.methods.vaa"):
+        _toy_vaa(sizes=(0, 7))
+    assert caplog.messages == [
+        "VAA: group sizes [0, 7]; training on group 1 only (the sampler is idle). The estimate found no "
+        "vulnerable/invulnerable split: try more proxy runs or another dro.estimate.definition."]
+    from vaa.config.schema import DROConfig
+    from vaa.methods.vaa import VAA
+
+    m = VAA(dro=OmegaConf.structured(DROConfig), seed=3)
+    m.setup(None, SimpleNamespace(stream=None, group_sizes=lambda: [2, 2]))
+    assert m.sampler.seed == 3 and m.sampler.num_groups == 2
+
+
+def test_vaa_under_a_sharded_strategy_passes_the_all_reduced_norm():
+    """FSDP / ModelParallel: ‖G0‖ comes from sharded_norm (one process here: the local norm)."""
+    method, module, _stream, batches = _toy_vaa(lambda_max=1.0, lambda_schedule="constant")
+    module._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), log_every_n_steps=1,
+                                      precision="32-true")
+    theta = [p.detach().clone() for p in module.model.parameters()]
+    logs = method.training_step(module, None)
+    k = int(logs["dro/group"])
+    _l0, g0 = _grad_at(_net_at(module.model, theta), batches[k])
+    _l1, g1 = _grad_at(_net_at(module.model, theta), batches[k], _sam_eps(g0, 0.3))
+    for p, t, g in zip(module.model.parameters(), theta, g1):
+        assert torch.allclose(p, t - g, atol=1e-6)
+
+
+def test_vaa_refuses_a_sam_step_that_rounds_away_in_bf16():
+    method, module, _stream, _ = _toy_vaa(lambda_max=1.0, lambda_schedule="constant", sam={"rho": 1e-6})
+    module.model.to(torch.bfloat16)
+    module._trainer = SimpleNamespace(strategy=None, log_every_n_steps=1, precision="bf16-true")
+    model = module.model
+    module.lm_loss = lambda b: torch.nn.functional.mse_loss(model(b["x"].bfloat16()).float(), b["y"])
+    with pytest.raises(prec.PerturbationRoundedAway, match=r"^method=vaa: in trainer.precision=bf16-true .* larger dro.sam.rho$"):
+        method.training_step(module, None)
