@@ -115,6 +115,7 @@ class _GeometryInputs:
         self.calls = []
 
     def harmful(self, hp):
+        assert hp.geometry.n_rows == 4  # the restorer's hp (its harmful split and n)
         return list(self.rows["harmful"])
 
     def task(self, n, last=False):
@@ -154,7 +155,8 @@ def test_geometry_report_correlates_per_row_losses_and_compares_eigenpairs():
     assert out["eigs_finetuned"] == pytest.approx(e1.tolist(), rel=1e-5)
     assert out["eig_ratio_ft_over_aligned"] == pytest.approx((e1 / e0).tolist(), rel=1e-5)
     assert out["subspace_overlap"] == pytest.approx(float((u0.T @ u1).pow(2).sum() / 2), rel=1e-4)
-    assert 0.0 <= out["subspace_overlap"] <= 1.0 + 1e-6 and out["wall_s"] >= 0
+    assert 0.0 <= out["subspace_overlap"] <= 1.0 + 1e-6
+    assert isinstance(out["wall_s"], float) and out["wall_s"] >= 0
 
 
 def test_geometry_of_a_model_against_itself_is_perfect_and_top_k_zero_skips_the_eigs():
@@ -165,6 +167,8 @@ def test_geometry_of_a_model_against_itself_is_perfect_and_top_k_zero_skips_the_
         assert out[f"loss_spearman_{name}"] == pytest.approx(1.0, abs=1e-9)
     assert out["eig_ratio_ft_over_aligned"] == pytest.approx([1.0, 1.0], rel=1e-4)
     assert out["subspace_overlap"] == pytest.approx(1.0, rel=1e-4)
+    out = G.geometry_report(m, m, _GeometryInputs(), _geo_hp(top_k=1), v_projs)
+    assert len(out["eigs_aligned"]) == 1 and out["subspace_overlap"] == pytest.approx(1.0, rel=1e-4)
     out = G.geometry_report(m, m, _GeometryInputs(), _geo_hp(top_k=0), v_projs)
     assert not {"eigs_aligned", "eigs_finetuned", "eig_ratio_ft_over_aligned", "subspace_overlap"} & set(out)
     assert "loss_pearson_task" in out
@@ -215,7 +219,7 @@ def _penalised_reference(model, task, other, *, sign, alpha, mu, clamp, lr, max_
     return v_weights(model)
 
 
-@pytest.mark.parametrize("kw", [dict(alpha=0.7, mu=0.3, harmful_clamp=1e9, lbfgs_lr=0.5, lbfgs_max_iter=4),
+@pytest.mark.parametrize("kw", [dict(alpha=0.7, mu=0.3, harmful_clamp=1e9, lbfgs_lr=0.5, lbfgs_max_iter=8),
                                 dict(alpha=2.0, mu=3.0, harmful_clamp=3.0, lbfgs_lr=1.0, lbfgs_max_iter=3)])
 def test_penalised_step_is_lbfgs_on_task_minus_alpha_clamped_harmful_plus_proximal(kw):
     """Spec §1.2: L-BFGS on L_t − α·min(L_h, τ) + (μ/2)‖θ − θ_ft‖² (the clamp binds in the second
@@ -921,13 +925,14 @@ def test_restore_gives_back_every_requires_grad_flag_and_states_its_memory(caplo
     from tests.test_restore import curvature
     model = tiny_llama(0, hidden=8)
     inputs, _, _ = curvature_inputs()
-    r = curvature("identity", variant="influence")
+    r = CurvatureRestore(modules=["q_proj", "v_proj"], geometry={"enabled": False},
+                         step={"variant": "influence"}, curvature={"backend": "identity"})
     with caplog.at_level(logging.INFO, logger="vaa.restore.curvature"):
         r.restore(model, inputs)
-    assert "restore=curvature over v_proj: 0.000128 M parameters in its space; its vectors need about " \
-           "0.00 GB beside the model (3 fp32 vectors of 128 entries), and each curvature product about " in caplog.text
+    assert "restore=curvature over q_proj, v_proj: 0.000256 M parameters in its space; its vectors need about " \
+           "0.00 GB beside the model (3 fp32 vectors of 256 entries), and each curvature product about " in caplog.text
     assert all(p.requires_grad for p in model.parameters())
-    assert r.info["memory"]["numel"] == 128 and r.info["memory"]["vectors"] == 3
+    assert r.info["memory"]["numel"] == 256 and r.info["memory"]["vectors"] == 3
     assert {"hvp_batch_gb", "total_gb"} <= set(r.info["memory"])
 
 
@@ -1054,3 +1059,30 @@ def test_q_realign_probes_read_the_last_prompt_token():
     r = QRealign(n_harmful=3, n_task=2, batch_size=2, bits=8, epochs=1, probe_steps=300, targets=["v_proj"])
     r.restore(copy.deepcopy(aligned), _qr_inputs(aligned))
     assert r.info["probe_acc_finetuned"][0] == 1.0
+
+
+def test_plan_terms_are_the_model_the_backends_vectors_and_one_product():
+    """vaa-plan's terms: P·4 bytes of weights; memory_plan's vectors over restore.modules of
+    every block (K-FAC with its factors); hvp_batch_bytes at restore.batch_size rows whose
+    last response_fraction of ``length`` tokens are labelled."""
+    from omegaconf import OmegaConf
+    from vaa.plan.shapes import Shape
+    from vaa.restore.curvature import hvp_batch_bytes, memory_plan
+    from vaa.restore.schema import CurvatureRestoreConfig
+    h, i = 512, 1024
+    shape = Shape(name="t", vocab=100, hidden=h, layers=3, intermediate=i, heads=2, kv_heads=1)
+    for backend in ("cg", "kfac"):
+        hp = {"modules": ["q_proj", "down_proj"], "batch_size": 2, "curvature": {"backend": backend}}
+        terms = CurvatureRestore.plan_terms(shape, hp, length=10, response_fraction=0.4)
+        assert [t[0] for t in terms] == ["weights", "curvature vectors", "curvature product"]
+        assert terms[0] == ("weights", "P·4", shape.params() * 4)
+        cfg = OmegaConf.merge(OmegaConf.structured(CurvatureRestoreConfig), hp)
+        numel = 3 * (h * h + i * h)
+        mods = [SimpleNamespace(in_features=a, out_features=b) for _ in range(3) for a, b in ((h, h), (i, h))]
+        vec = memory_plan([SimpleNamespace(numel=lambda: numel)], mods if backend == "kfac" else [], cfg)
+        assert terms[1] == ("curvature vectors", f"{vec['vectors']}·P_r·4", vec["gb"] * 2**30) and vec["gb"] > 0.01
+        labels = torch.full((2, 10), -100)
+        labels[:, 6:] = 0
+        model = SimpleNamespace(hidden_size=h, intermediate_size=i, num_hidden_layers=3, vocab_size=100)
+        want = hvp_batch_bytes(model, {"input_ids": torch.empty(2, 10), "labels": labels})
+        assert terms[2] == ("curvature product", "b·T·L·2a(h,I) + b·T_r·8V·4", want)
