@@ -1629,3 +1629,49 @@ def test_vaa_refuses_a_sam_step_that_rounds_away_in_bf16():
     module.lm_loss = lambda b: torch.nn.functional.mse_loss(model(b["x"].bfloat16()).float(), b["y"])
     with pytest.raises(prec.PerturbationRoundedAway, match=r"^method=vaa: in trainer.precision=bf16-true .* larger dro.sam.rho$"):
         method.training_step(module, None)
+
+
+def test_booster_perturb_aware_takes_vaccines_gradient_and_logs_its_eps():
+    """``perturb_aware: true``: g_a is Vaccine's perturbed alignment gradient (baselines.md §4)."""
+    from vaa.methods.booster import Booster
+    from vaa.methods.vaccine import perturbed_backward
+
+    model = _Toy()
+    module = _Module(model)
+    hb, ab = _toy_batch(), {k: v.flip(0) for k, v in _toy_batch().items()}
+    b = Booster(lam=0.0, alpha=0.1, perturb_aware=True, vaccine_rho=0.4)
+    b.setup(module, SimpleNamespace(streams={"harmful": _Stream([hb])}))
+    assert b.layers == [l.self_attn for l in model.layers]
+    ref = copy.deepcopy(model)
+    want = perturbed_backward(_Module(ref), ab, [l.self_attn for l in ref.layers], 0.4)
+    theta = [p.detach().clone() for p in model.parameters()]
+    logs = b.training_step(module, ab)
+    for p, t, r in zip(model.parameters(), theta, ref.parameters()):
+        assert torch.allclose(p, t - r.grad, atol=1e-6)  # λ = 0: G = g_a(perturbed)
+    assert float(logs["eps_norm"]) == pytest.approx(0.4, rel=1e-5)
+    assert float(logs["loss"]) == pytest.approx(float(want["loss"]))
+
+
+def test_repnoise_setup_names_the_decoder_without_a_final_norm():
+    from vaa.methods.repnoise import RepNoise
+
+    class _Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Linear(2, 2)
+
+    class _Dec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([_Blk(), _Blk()])
+            self.config = SimpleNamespace(num_hidden_layers=2)
+
+        def get_decoder(self):
+            return self
+
+    dm = SimpleNamespace(streams={"harmful": None}, tokenizer=SimpleNamespace(pad_token_id=0))
+    with pytest.raises(ValueError, match=r"^_Dec has no final norm 'norm'; set method.final_norm"):
+        RepNoise().setup(SimpleNamespace(model=_Dec()), dm)
+    r = RepNoise(final_norm="layers")
+    r.setup(SimpleNamespace(model=_Dec()), dm)
+    assert len(r.mlps) == 2 and len(r.layers) == 2 and r.pad_id == 0
