@@ -1086,3 +1086,41 @@ def test_plan_terms_are_the_model_the_backends_vectors_and_one_product():
         model = SimpleNamespace(hidden_size=h, intermediate_size=i, num_hidden_layers=3, vocab_size=100)
         want = hvp_batch_bytes(model, {"input_ids": torch.empty(2, 10), "labels": labels})
         assert terms[2] == ("curvature product", "b·T·L·2a(h,I) + b·T_r·8V·4", want)
+
+
+def test_q_realign_trains_only_the_clipping_with_adamw_at_hp_lr(monkeypatch):
+    """AdamW(lr = restore.lr, no weight decay) on every (γ, β) pair, all trainable and all
+    moved from their start 4.0; the model's own weights collect no gradient."""
+    import vaa.restore.q_realign as QR
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        params = list(params)
+        seen.append((params, kw))
+        return real(params, **kw)
+    monkeypatch.setattr(QR.torch.optim, "AdamW", spy)
+    aligned, model = tiny_llama(0), tiny_llama(1)
+    QR.QRealign(n_harmful=3, n_task=2, batch_size=2, bits=4, epochs=2, lr=0.03, probe_steps=20,
+                targets=["v_proj"]).restore(model, _qr_inputs(aligned))
+    assert len(seen) == 2  # one optimiser per block
+    for params, kw in seen:
+        assert kw == {"lr": 0.03, "weight_decay": 0.0} and len(params) == 2
+        assert all(p.requires_grad and p.shape == (16, 1) for p in params)  # out_features of v_proj
+        assert all(bool((p != 4.0).any()) for p in params)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_q_realign_malicious_loss_is_softplus_of_minus_the_probe_logit(monkeypatch):
+    """Malicious rows only, and a probe whose logit is +50 everywhere (already 'malicious'):
+    softplus(−(h·w + b)) ≈ 0 gives no gradient, so the clipping stays at its start and the
+    weights are fake_quant(W, 4, 4)."""
+    import vaa.restore.q_realign as QR
+    aligned, model = tiny_llama(0), tiny_llama(1)
+    w0 = [l.self_attn.v_proj.weight.detach().clone() for l in model.model.layers]
+    monkeypatch.setattr(QR, "fit_probe", lambda x, y, l1, steps: (torch.zeros(x.shape[1]), torch.tensor(50.0)))
+    QR.QRealign(n_harmful=3, n_task=0, batch_size=2, bits=4, epochs=2, lr=0.05, probe_steps=1,
+                targets=["v_proj"]).restore(model, _qr_inputs(aligned))
+    four = torch.full((16, 1), 4.0)
+    for l, w in zip(model.model.layers, w0):
+        assert torch.equal(l.self_attn.v_proj.weight.detach(), QR.fake_quant(w, four, four, 4))
