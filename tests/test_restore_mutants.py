@@ -1124,3 +1124,25 @@ def test_q_realign_malicious_loss_is_softplus_of_minus_the_probe_logit(monkeypat
     four = torch.full((16, 1), 4.0)
     for l, w in zip(model.model.layers, w0):
         assert torch.equal(l.self_attn.v_proj.weight.detach(), QR.fake_quant(w, four, four, 4))
+
+
+def test_panacea_casts_eps_to_the_released_parameters_dtype_before_adding():
+    """ε (fp32) is cast to the parameter's dtype, then added: on a bf16 weight 1.0 an ε of
+    0.00392 becomes 2⁻⁸ and 1 + 2⁻⁸ rounds to even (1.0); adding the fp32 ε unconverted would
+    round up to 1 + 2⁻⁷."""
+    from vaa.methods.grads import trainable_params
+    from vaa.restore.panacea import Panacea
+    base = tiny_llama(0)
+
+    def train(module_cls, model, tok, rows, recipe, step, stage, seed, extra=None):
+        out = copy.deepcopy(model).to(torch.bfloat16)
+        with torch.no_grad():
+            for p in out.parameters():
+                p.fill_(1.0)
+        step.eps = [torch.full_like(p, 0.00392, dtype=torch.float32) for p in trainable_params(out)]
+        return out
+    inputs = SimpleNamespace(train=train, load=lambda which: copy.deepcopy(base), tokenizer=None,
+                             harmful=lambda hp: [1], hft=lambda: [1, 2],
+                             cfg=SimpleNamespace(attack=SimpleNamespace(batch_size=2, max_steps=1, epochs=1)), seed=0)
+    out = Panacea(rho=0.1).restore(base, inputs)
+    assert all(bool((p == 1.0).all()) for p in out.parameters())
