@@ -1047,7 +1047,7 @@ def test_panacea_step_refuses_an_eps_rounded_away_naming_restore_rho():
     step = PanaceaStep(lam=1.0, rho=1e-6, clamp=100.0)
     module = _panacea_module(model, precision="bf16-true")
     step.setup(module, SimpleNamespace(streams={"harmful": SimpleNamespace(next_batch=lambda g: guide)}))
-    with pytest.raises(PerturbationRoundedAway, match=r"restore\.rho"):
+    with pytest.raises(PerturbationRoundedAway, match=r"^restore=panacea: in trainer.precision=bf16-true .* or a larger restore\.rho$"):
         step.training_step(module, lm_batch(5))
 
 
@@ -1112,13 +1112,13 @@ def test_q_realign_trains_only_the_clipping_with_adamw_at_hp_lr(monkeypatch):
 
 
 def test_q_realign_malicious_loss_is_softplus_of_minus_the_probe_logit(monkeypatch):
-    """Malicious rows only, and a probe whose logit is +50 everywhere (already 'malicious'):
+    """Malicious rows only, and a probe whose logit is ≈ +50 everywhere (already 'malicious'):
     softplus(−(h·w + b)) ≈ 0 gives no gradient, so the clipping stays at its start and the
     weights are fake_quant(W, 4, 4)."""
     import vaa.restore.q_realign as QR
     aligned, model = tiny_llama(0), tiny_llama(1)
     w0 = [l.self_attn.v_proj.weight.detach().clone() for l in model.model.layers]
-    monkeypatch.setattr(QR, "fit_probe", lambda x, y, l1, steps: (torch.zeros(x.shape[1]), torch.tensor(50.0)))
+    monkeypatch.setattr(QR, "fit_probe", lambda x, y, l1, steps: (torch.full((x.shape[1],), 0.01), torch.tensor(50.0)))
     QR.QRealign(n_harmful=3, n_task=0, batch_size=2, bits=4, epochs=2, lr=0.05, probe_steps=1,
                 targets=["v_proj"]).restore(model, _qr_inputs(aligned))
     four = torch.full((16, 1), 4.0)
