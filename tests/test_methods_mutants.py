@@ -1675,3 +1675,17 @@ def test_repnoise_setup_names_the_decoder_without_a_final_norm():
     r = RepNoise(final_norm="layers")
     r.setup(SimpleNamespace(model=_Dec()), dm)
     assert len(r.mlps) == 2 and len(r.layers) == 2 and r.pad_id == 0
+
+
+def test_hand_made_mutants_in_no_grad_functions():
+    """mutmut 3.8 does not mutate functions under a decorator (@torch.no_grad, @property);
+    these were broken by hand: a stash buffer of another shape or dtype is replaced, and a step
+    that moved nothing has cosine NaN (realised_step's contract)."""
+    a, b = _params_with_grads()
+    out = [torch.zeros(2), torch.zeros(5, dtype=torch.float64)]  # wrong shape / wrong dtype
+    s = stash_grads([a, b], out=out)
+    assert s[0].shape == a.grad.shape and torch.equal(s[0], a.grad)
+    assert s[1].dtype == torch.float32 and torch.equal(s[1], b.grad)
+    t = torch.ones(3)
+    norm, cos = prec.realised_step([t], [t.clone()], [torch.ones(3)], "32-true")
+    assert norm == 0.0 and math.isnan(cos)
