@@ -1689,3 +1689,37 @@ def test_hand_made_mutants_in_no_grad_functions():
     t = torch.ones(3)
     norm, cos = prec.realised_step([t], [t.clone()], [torch.ones(3)], "32-true")
     assert norm == 0.0 and math.isnan(cos)
+
+
+def test_repnoise_response_mask_uses_every_harmful_row_and_logs_the_grad_norm():
+    """``mask: response``: the harmful batch is used whole (only ``diff_tokens`` pairs rows with
+    the harmless batch); the step logs its pre-clip gradient norm."""
+    from vaa.config.schema import ArchConfig
+    from vaa.methods.repnoise import RepNoise
+    from vaa.models.build import build_tiny_llama
+    from vaa.models.tokenizer import build_word_tokenizer
+    from vaa.training.module import response_loss
+
+    torch.set_num_threads(1)
+    tok = build_word_tokenizer(["a b c d e f g h i j k l m n o p"])
+    model = build_tiny_llama(ArchConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=32), tok, seed=0)
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n):
+        ids = torch.randint(5, len(tok), (n, 6), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    hb, small, big = rows(4), rows(1), rows(4)
+    harmful = []
+    for batch in (small, big):
+        module = _Module(copy.deepcopy(model))
+        module.lm_loss = lambda b, m=module: response_loss(m.model, b)
+        r = RepNoise(noise_weight=0.1, ascent_weight=0.5)
+        r.setup(module, SimpleNamespace(streams={"harmful": _Stream([hb])}, tokenizer=tok))
+        logs = r.training_step(module, batch)
+        harmful.append(float(logs["harmful_loss"]))
+        assert float(logs["grad_norm"]) > 0
+    assert harmful[0] == pytest.approx(harmful[1], rel=1e-6)
