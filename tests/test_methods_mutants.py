@@ -1723,3 +1723,28 @@ def test_repnoise_response_mask_uses_every_harmful_row_and_logs_the_grad_norm():
         harmful.append(float(logs["harmful_loss"]))
         assert float(logs["grad_norm"]) > 0
     assert harmful[0] == pytest.approx(harmful[1], rel=1e-6)
+    # diff_tokens: the harmless forward gets its own (padded) attention mask
+    module = _Module(copy.deepcopy(model))
+    seen = []
+    module.model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    r = RepNoise(mask="diff_tokens")
+    r.setup(module, SimpleNamespace(streams={"harmful": _Stream([hb])}, tokenizer=tok))
+    short = {k: v[:, :4] for k, v in rows(2).items()}
+    r.training_step(module, short)
+    assert len(seen) == 2 and seen[1] is not None
+    assert seen[1].tolist() == [[1, 1, 1, 1, 0, 0]] * 2  # padded to the harmful width with attention 0
+
+
+def test_apply_gradients_clips_with_the_sharded_norm_under_fsdp(monkeypatch):
+    """base.apply_gradients: under a sharding strategy the clip's norm is all-reduced
+    (``clip_global_(…, sharded=True)``); otherwise the local clip."""
+    import vaa.methods.base as base
+
+    calls = []
+    monkeypatch.setattr(base, "clip_global_", lambda params, max_norm, sharded=False: calls.append(sharded) or torch.tensor(1.0))
+    for strategy, want in [("FSDPStrategy", True), ("DDPStrategy", False)]:
+        module = _Module(_toy_model())
+        module._trainer = SimpleNamespace(strategy=type(strategy, (), {})())
+        base.TrainingMethod().apply_gradients(module)
+        assert calls[-1] is want
