@@ -288,4 +288,5 @@ def test_top_eigs_returns_the_top_k_eigenpairs_in_descending_order():
     assert float((rough - lam[:3]).abs().max()) > 0.1
     assert list(rough) == sorted(rough.tolist(), reverse=True)
     one, _ = C.top_eigs(lambda v: a @ v, 8, 3, 1, seed=1)
+    assert torch.equal(C.top_eigs(lambda v: a @ v, 8, 3, 1)[1], C.top_eigs(lambda v: a @ v, 8, 3, 1, seed=0)[1])
     assert not torch.equal(one, rough)

@@ -223,8 +223,9 @@ def test_host_available_gb_reads_memavailable_in_kib(monkeypatch):
     import io
     import vaa.restore.curvature as CR
     text = "MemTotal:       2048 kB\nMemFree:  1 kB\nMemAvailable:   1048576 kB\n"
-    monkeypatch.setattr(CR, "open", lambda *a, **k: io.StringIO(text), raising=False)
-    assert CR.host_available_gb() == 1.0
+    paths = []
+    monkeypatch.setattr(CR, "open", lambda path, *a, **k: paths.append(path) or io.StringIO(text), raising=False)
+    assert CR.host_available_gb() == 1.0 and paths == ["/proc/meminfo"]
     monkeypatch.setattr(CR, "open", lambda *a, **k: io.StringIO("MemTotal: 5 kB\n"), raising=False)
     assert CR.host_available_gb() is None
 
@@ -300,3 +301,12 @@ def test_plan_terms_are_the_model_the_backends_vectors_and_one_product():
         model = SimpleNamespace(hidden_size=h, intermediate_size=i, num_hidden_layers=3, vocab_size=100)
         want = hvp_batch_bytes(model, {"input_ids": torch.empty(2, 10), "labels": labels})
         assert terms[2] == ("curvature product", "b·T·L·2a(h,I) + b·T_r·8V·4", want)
+    # defaults: the schema's (all seven linears, batch_size) and half of each row labelled
+    cfg = OmegaConf.structured(CurvatureRestoreConfig)
+    terms = CurvatureRestore.plan_terms(shape, {}, length=10)
+    labels = torch.full((cfg.batch_size, 10), -100)
+    labels[:, 5:] = 0
+    model = SimpleNamespace(hidden_size=h, intermediate_size=i, num_hidden_layers=3, vocab_size=100)
+    assert terms[2][2] == hvp_batch_bytes(model, {"input_ids": torch.empty(cfg.batch_size, 10), "labels": labels})
+    numel = 3 * sum(a * b for a, b in shape.linear_dims().values())
+    assert terms[1][2] == memory_plan([SimpleNamespace(numel=lambda: numel)], [], cfg)["gb"] * 2**30

@@ -207,3 +207,19 @@ def test_penalised_refusal_objective_descends_the_refusal_loss():
     torch.testing.assert_close(v_weights(model), ref, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         assert float(dataset_loss(model, [refusal])) < float(dataset_loss(tiny_llama(0, hidden=8), [refusal]))
+
+
+def test_trust_region_accepts_a_harmful_loss_equal_to_the_clamp():
+    """τ is an upper bound the step may reach (L_h ≤ τ): with δ = 0 the trial is θ itself, its
+    harmful loss equals τ set to that value, and the first trial is accepted."""
+    from tests.test_restore import curvature
+    inputs, _, harm = curvature_inputs()
+    model = tiny_llama(0, hidden=8)
+    with torch.no_grad():
+        tau = float(dataset_loss(model, [harm]))
+    r = curvature("identity", variant="newton_trust_region", trust_radius=0.0, task_guard=0.0, harmful_clamp=tau)
+    calls = []
+    losses = r.losses
+    r.losses = lambda m: calls.append(1) or losses(m)
+    r.restore(model, inputs)
+    assert r.info["start"]["harmful"] == tau and len(calls) == 2
