@@ -26,7 +26,9 @@ after these tests: curvature.py 112/228 -> 226/228, curvature_ops.py 73/115 -> 1
 geometry.py 0/37 -> 37/37, q_realign.py 59/78 -> 74/78, panacea.py 29/42 -> 42/42; all
 273/500 (54.6 %) -> 485/500 (97.0 %). Of the 15 survivors, 14 are equivalent (4 L-BFGS options
 that do not change its iterates, a log-text rounding, a split index, 8 device= arguments that
-matter only on a CUDA device); one is a log text on a model without a config.
+matter only on a CUDA device); one is a log text on a model without a config. Over every
+mutant measured before (the sample plus the 836 mutmut ran first, fastest tests first: 1132):
+524/1132 (46.3 %) -> 1101/1132 (97.3 %), 1101 of the 1102 not equivalent.
 """
 
 from __future__ import annotations
