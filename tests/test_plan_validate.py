@@ -50,8 +50,12 @@ def test_the_paper_presets_pass_validation(experiment, protocol):
     """data=hf leaves data.base_rows at the schema's [0, 0) (a pretrained model reads no base
     corpus); validation refused it as an empty slice, so `vaa experiment=paper_qwen` stopped
     before its first stage (found when vaa-plan began to validate)."""
+    import importlib.util
     cfg = compose_config([f"experiment={experiment}", f"protocol={protocol}", "method=vaa"])
-    assert [m for _, m in find_problems(cfg) if NO_CUDA_HERE not in m] == []
+    # facts of this machine, not of the config: no CUDA here; the paged 8-bit optimizer's
+    # bitsandbytes comes with the gpu extra, which CI does not install
+    here = [NO_CUDA_HERE] + ([] if importlib.util.find_spec("bitsandbytes") else ["needs bitsandbytes"])
+    assert [m for _, m in find_problems(cfg) if not any(h in m for h in here)] == []
 
 
 def test_a_non_empty_base_slice_is_still_checked():
