@@ -507,7 +507,8 @@ def test_curvature_states_its_memory_before_it_starts_and_a_module_subset_shrink
     """A 7B model's default space (all seven linear layers) is ~6.5 B entries: the repair says
     what its vectors cost before it allocates them, and ``restore.modules`` shrinks it."""
     from omegaconf import OmegaConf
-    from vaa.restore.curvature import memory_plan, target_linears
+    from vaa.restore.curvature import target_linears
+    from vaa.restore.curvature_memory import memory_plan
     from vaa.restore.schema import CurvatureRestoreConfig
     model = tiny_llama(0)
     hp = OmegaConf.structured(CurvatureRestoreConfig)
@@ -665,29 +666,30 @@ def test_curvature_plans_its_product_per_batch_and_refuses_what_does_not_fit(mon
     from omegaconf import OmegaConf
     from vaa.errors import ConfigError
     from vaa.restore import curvature as cv
+    from vaa.restore import curvature_memory as cm
     from vaa.restore.schema import CurvatureRestoreConfig
     smol = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
     labels = torch.zeros(1, 160, dtype=torch.long)
     labels[:, :32] = -100  # 128 labelled next-token targets after the shift
     row = {"input_ids": torch.zeros(1, 160, dtype=torch.long), "labels": labels}
-    per_row = cv.hvp_batch_bytes(smol, row) / 2**30
+    per_row = cm.hvp_batch_bytes(smol, row) / 2**30
     # measured (1e9-byte GB): +2.261 at 2 rows, +3.650 at 4, so 0.695 GB = 0.647 GiB per row
     assert per_row == pytest.approx(0.647, rel=0.05)
     two = {k: v.repeat(2, 1) for k, v in row.items()}
-    assert cv.hvp_batch_bytes(smol, two) == 2 * cv.hvp_batch_bytes(smol, row)
+    assert cm.hvp_batch_bytes(smol, two) == 2 * cm.hvp_batch_bytes(smol, row)
     model = tiny_llama(0)
     hp = OmegaConf.structured(CurvatureRestoreConfig)
     mods = cv.target_linears(model, hp.modules)
-    plan = cv.memory_plan([m.weight for m in mods], mods, hp, smol, [row, two])
+    plan = cm.memory_plan([m.weight for m in mods], mods, hp, smol, [row, two])
     assert plan["hvp_batch_gb"] == pytest.approx(2 * per_row, rel=1e-3)
     assert plan["total_gb"] == pytest.approx(plan["gb"] + plan["hvp_batch_gb"], abs=1e-3)
-    monkeypatch.setattr(cv, "host_available_gb", lambda: plan["total_gb"] + 0.01)
-    cv.check_fits(plan, torch.device("cpu"), 2)  # fits: nothing raised
-    monkeypatch.setattr(cv, "host_available_gb", lambda: plan["gb"] + 1.5 * per_row)
+    monkeypatch.setattr(cm, "host_available_gb", lambda: plan["total_gb"] + 0.01)
+    cm.check_fits(plan, torch.device("cpu"), 2)  # fits: nothing raised
+    monkeypatch.setattr(cm, "host_available_gb", lambda: plan["gb"] + 1.5 * per_row)
     with pytest.raises(ConfigError, match=r"restore.batch_size=1 "):
-        cv.check_fits(plan, torch.device("cpu"), 2)
-    monkeypatch.setattr(cv, "host_available_gb", lambda: None)  # unknown: no refusal
-    cv.check_fits(plan, torch.device("cpu"), 2)
+        cm.check_fits(plan, torch.device("cpu"), 2)
+    monkeypatch.setattr(cm, "host_available_gb", lambda: None)  # unknown: no refusal
+    cm.check_fits(plan, torch.device("cpu"), 2)
 
 
 def test_a_solve_worse_than_zero_is_logged_with_the_fix(monkeypatch, caplog):

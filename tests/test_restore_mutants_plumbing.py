@@ -210,7 +210,7 @@ def test_restore_gives_back_every_requires_grad_flag_and_states_its_memory(caplo
 def test_hvp_batch_bytes_is_the_documented_formula():
     """2·a(h, I) per token and layer with a = (11h + 4I)·4 B, plus 8 fp32 vocabulary rows per
     labelled next-token target."""
-    from vaa.restore.curvature import hvp_batch_bytes
+    from vaa.restore.curvature_memory import hvp_batch_bytes
     cfg = SimpleNamespace(hidden_size=3, intermediate_size=5, num_hidden_layers=2, vocab_size=7)
     labels = torch.full((2, 6), -100)
     labels[0, 4:] = 1
@@ -221,7 +221,7 @@ def test_hvp_batch_bytes_is_the_documented_formula():
 
 def test_host_available_gb_reads_memavailable_in_kib(monkeypatch):
     import io
-    import vaa.restore.curvature as CR
+    import vaa.restore.curvature_memory as CR
     text = "MemTotal:       2048 kB\nMemFree:  1 kB\nMemAvailable:   1048576 kB\n"
     paths = []
     monkeypatch.setattr(CR, "open", lambda path, *a, **k: paths.append(path) or io.StringIO(text), raising=False)
@@ -237,7 +237,7 @@ def test_host_available_gb_reads_memavailable_in_kib(monkeypatch):
 
 def test_check_fits_reads_a_cuda_devices_free_memory(monkeypatch):
     from vaa.errors import ConfigError
-    import vaa.restore.curvature as CR
+    import vaa.restore.curvature_memory as CR
     plan = {"gb": 1.0, "hvp_batch_gb": 4.0, "total_gb": 5.0}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
     with pytest.raises(ConfigError, match=r"needs about 5.0 GB .* and cuda has 3.0 GB free: set restore.batch_size=2 "):
@@ -260,7 +260,7 @@ def test_memory_plan_counts_each_backends_vectors_and_kfac_factors():
     """gb = 4·(numel·vectors + K-FAC's Σ in² + out²)/2³⁰, rounded to 3 places; L-BFGS adds
     2·history vectors, an unknown backend is planned at 6; 'what' names the factors."""
     from omegaconf import OmegaConf
-    from vaa.restore.curvature import memory_plan
+    from vaa.restore.curvature_memory import memory_plan
     from vaa.restore.schema import CurvatureRestoreConfig
     hp = OmegaConf.structured(CurvatureRestoreConfig)
     p = [SimpleNamespace(numel=lambda: 10_000_000)]
@@ -282,7 +282,7 @@ def test_plan_terms_are_the_model_the_backends_vectors_and_one_product():
     last response_fraction of ``length`` tokens are labelled."""
     from omegaconf import OmegaConf
     from vaa.plan.shapes import Shape
-    from vaa.restore.curvature import hvp_batch_bytes, memory_plan
+    from vaa.restore.curvature_memory import hvp_batch_bytes, memory_plan
     from vaa.restore.schema import CurvatureRestoreConfig
     h, i = 512, 1024
     shape = Shape(name="t", vocab=100, hidden=h, layers=3, intermediate=i, heads=2, kv_heads=1)

@@ -8,7 +8,7 @@ import pytest
 
 from vaa.config import restore_rules
 from vaa.config.validate import find_problems
-from vaa.restore import curvature as cv
+from vaa.restore import curvature_memory as cv
 
 LLAMA = ["experiment=paper_llama2", "method=sft", "restore=curvature", "trainer=cpu"]
 

@@ -24,7 +24,7 @@ def device_capacity_gb(cfg: DictConfig) -> tuple[float, str] | None:
             return torch.cuda.get_device_properties(0).total_memory / 1e9, "GPU 0's memory"
         if acc != "auto":
             return None
-    from vaa.restore.curvature import host_available_gb
+    from vaa.restore.curvature_memory import host_available_gb
 
     free = host_available_gb()
     return (free * 2**30 / 1e9, "this host's available memory") if free is not None else None
