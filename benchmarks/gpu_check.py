@@ -6,6 +6,8 @@ whether the method refused it) and one summary line last, ``{"benchmark": "gpu_c
 
     python -m benchmarks.gpu_check                       # one GPU, under ten minutes
     python -m benchmarks.gpu_check --shapes tiny --device cpu --steps 1   # the CPU smoke run
+    python -m benchmarks.gpu_check --shapes 7b --modes full --precisions 32-true --methods vaa \
+        --optimizer paged_adamw_8bit --batch 8 --seq 512 --grad-ckpt   # paper_llama2's [aligned] stage
 
 Precision follows Lightning's plugins: ``bf16-mixed`` keeps fp32 weights and runs the forward
 under ``torch.autocast(bfloat16)``; ``bf16-true`` holds the weights (and AdamW's state) in
@@ -39,6 +41,9 @@ SHAPES = {
     "7b": dict(arch="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                tie_word_embeddings=False),
+    "qwen7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                   num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                   tie_word_embeddings=False),
     "0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                  tie_word_embeddings=True),
@@ -110,18 +115,21 @@ class RandomStream:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def make_method(name: str, stream: RandomStream):
+def make_method(name: str, stream: RandomStream, lambda_mixing: str = "bernoulli"):
     if name == "sft":
         return SFT()
     dro = OmegaConf.merge(OmegaConf.structured(DROConfig),
-                          {"lambda_max": 1.0, "lambda_schedule": "constant"})
+                          {"lambda_max": 1.0, "lambda_schedule": "constant",
+                           "lambda_mixing": lambda_mixing})
     method = VAA(dro=dro, seed=0)
     dm = SimpleNamespace(stream=stream, group_sizes=lambda: [50, 50])
     return method, dm
 
 
 def run_one(shape, precision, mode, method_name, args) -> dict:
-    rec = {"shape": shape, "precision": precision, "mode": mode, "method": method_name, "optimizer": args.optimizer}
+    rec = {"shape": shape, "precision": precision, "mode": mode, "method": method_name, "optimizer": args.optimizer,
+           "batch": args.batch, "seq": args.seq, "grad_ckpt": args.grad_ckpt,
+           "matmul_precision": args.matmul_precision, "lambda_mixing": args.lambda_mixing}
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     cuda = args.device.startswith("cuda")
     model = h = None
@@ -130,13 +138,18 @@ def run_one(shape, precision, mode, method_name, args) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = build(shape, dtype, args.device)
+        if args.grad_ckpt:  # as the 7B presets (model.gradient_checkpointing: true)
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if mode == "lora":
+                model.enable_input_require_grads()
         if mode == "lora":
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=4, target_modules=LORA_TARGETS,
                                                      task_type="CAUSAL_LM"))
         stream = RandomStream(args.batch, args.seq, SHAPES[shape]["vocab_size"], args.device)
-        made = make_method(method_name, stream)
+        made = make_method(method_name, stream, args.lambda_mixing)
         method, dm = made if isinstance(made, tuple) else (made, None)
         h = Harness(model, method, precision, args.steps, args.device, args.optimizer)
         method.setup(h, dm)
@@ -185,7 +198,22 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--optimizer", default="adamw", help="adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes: the "
                                                        "paper presets' alignment, e.g. --precisions 32-true)")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="gradient checkpointing, as the 7B presets (compare with vaa-plan's stage)")
+    p.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+                   help="torch.set_float32_matmul_precision for fp32 matrix products (high: TF32 on CUDA)")
+    p.add_argument("--lambda-mixing", default="bernoulli", choices=("bernoulli", "weighted"),
+                   help="VAA's dro.lambda_mixing (weighted: protocol=paper, keeps a stash of G0)")
     args = p.parse_args(argv)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    try:
+        return _grid(args)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _grid(args) -> dict:
     runs = []
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):

@@ -26,3 +26,20 @@ def test_gpu_check_grid_on_cpu(capsys):
         assert r["status"] == "ok" and r["tokens_per_s"] > 0
         if r["method"] == "vaa":
             assert r["eps_norm"] == 0.4 and 0.2 <= r["eps_realised_norm"] <= 0.6
+
+
+def test_gpu_check_grad_ckpt_runs_the_presets_stage_shape(capsys):
+    """--grad-ckpt (the 7B presets' setting) trains full and LoRA in 32-true, and the first
+    step's loss is the one without checkpointing (same seed, same random batches)."""
+    from benchmarks import gpu_check
+
+    def runs(*extra):
+        import torch
+        torch.manual_seed(0)
+        return gpu_check.main(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--seq", "16",
+                               "--batch", "2", "--precisions", "32-true", "--methods", "vaa", *extra])["runs"]
+
+    plain, ckpt = runs(), runs("--grad-ckpt")
+    assert [r["status"] for r in ckpt] == ["ok", "ok"] and all(r["grad_ckpt"] for r in ckpt)
+    for a, b in zip(plain, ckpt):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
