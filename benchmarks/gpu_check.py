@@ -47,6 +47,9 @@ SHAPES = {
     "0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                  tie_word_embeddings=True),
+    "135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                 tie_word_embeddings=True),  # SmolLM2-135M (the CPU preset's model)
     "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
                  tie_word_embeddings=True),
@@ -133,6 +136,9 @@ def run_one(shape, precision, mode, method_name, args) -> dict:
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     cuda = args.device.startswith("cuda")
     model = h = None
+    from vaa.pipeline.memory import PeakMemory
+
+    host = PeakMemory().start()  # the process's peak RSS inside this run (CPU runs: the figure)
     try:
         if cuda:
             torch.cuda.empty_cache()
@@ -140,7 +146,11 @@ def run_one(shape, precision, mode, method_name, args) -> dict:
         model = build(shape, dtype, args.device)
         if args.grad_ckpt:  # as the 7B presets (model.gradient_checkpointing: true)
             model.config.use_cache = False
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
             if mode == "lora":
                 model.enable_input_require_grads()
         if mode == "lora":
@@ -177,6 +187,9 @@ def run_one(shape, precision, mode, method_name, args) -> dict:
     except torch.cuda.OutOfMemoryError:
         rec.update(status="oom")
     finally:
+        host.stop()
+        if host.rss_mb is not None:
+            rec["peak_rss_gb"] = round(host.rss_mb / 1024, 3)
         if cuda:
             rec["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         del model, h

@@ -91,15 +91,21 @@ def long_examples(examples, tokenizer, seq_len: int, n: int):
     return out
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """This machine's fp32 matmul rate now (GFLOP/s): the best of ``reps`` timed n×n GEMMs
-    (2n³ FLOP each) at torch's current thread count, after one untimed."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, reps: int = 5, device: str | torch.device = "cpu") -> float:
+    """The fp32 matmul rate now (GFLOP/s) on ``device`` (the one the measured steps ran on:
+    a CUDA step's peak fraction against the CPU's GEMM would be meaningless): the best of
+    ``reps`` timed n×n GEMMs (2n³ FLOP each), after one untimed; on a CPU at torch's current
+    thread count, on CUDA synchronised around each product."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 

@@ -328,7 +328,7 @@ def run(a) -> dict:
                 print(f"step_cost: repetition {rep + 1}/{reps} {m}: "
                       f"{1e3 * res[m][-1]['step_s']:.0f} ms/step", file=sys.stderr, flush=True)
                 if m == "sft":  # the GEMM right after SFT's run: the load it ran under
-                    gemm.append(matmul_gflops(gemm_n))
+                    gemm.append(matmul_gflops(gemm_n, device=device))
                     print(f"step_cost: repetition {rep + 1}/{reps} GEMM {gemm[-1]:.1f} GFLOP/s",
                           file=sys.stderr, flush=True)
         response = _response_tokens(examples, tokenizer, kw, batch_size) if a.model else None

@@ -40,6 +40,7 @@ def _positive(record: dict, keys: list[str]) -> None:
                     "identical_fraction", "n_prompts", "batched_peak_fraction", "peak_gflops",
                     "lean_vs_hf", "hf_tokens_per_s"]),
     ("step_cost", ["steps", "batch_size", "hidden_size", "layers", "peak_rss_mb"]),
+    ("malloc_trim", ["steps", "batch_size", "seq_len", "trim_peak_ratio", "trim_time_ratio"]),
 ])
 def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
     import torch
@@ -55,6 +56,9 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
     assert record["machine"]["threads"] >= 1
     if name == "loop_overhead":  # both sides did the same work: the same weights at the end
         assert record["max_weight_diff"] <= 1e-6
+    if name == "malloc_trim":  # both settings ran in their own process and trained
+        assert set(record["settings"]) == {"default", "malloc_trim"}
+        assert all(r["peak_rss_gb"] > 0 and r["tensors_alive_gb"] > 0 for r in record["settings"].values())
     if name == "generation":  # greedy: batching must not change the text
         assert record["identical_fraction"] == 1.0
         assert record["hf_identical_fraction"] == 1.0  # the lean loop decodes as model.generate
@@ -80,3 +84,21 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
                 assert record["extra_state_mb"]["vaa"] > 0
             assert isinstance(record["vaa_within_target"], bool)
             assert record["vaa_target"] == pytest.approx(1.05 * (1 + record["mean_lambda"]["vaa"]))
+
+
+def test_step_cost_measures_the_gemm_peak_on_the_device_its_steps_ran_on(capsys, monkeypatch):
+    """The peak fraction divides a step's FLOP rate by a GEMM rate: both on one device (an
+    H200 run once divided CUDA steps by the CPU's GEMM and reported 550 % of 'peak')."""
+    from benchmarks import step_cost
+
+    seen = []
+    monkeypatch.setattr(step_cost, "matmul_gflops",
+                        lambda n, device="cpu": seen.append(str(device)) or 100.0)
+    step_cost.main(["--quick", "--device", "cpu", "--methods", "sft"])
+    assert seen and set(seen) == {"cpu"}
+
+
+def test_matmul_gflops_runs_on_the_named_device():
+    from benchmarks.real_model import matmul_gflops
+
+    assert matmul_gflops(64, reps=2, device="cpu") > 0
