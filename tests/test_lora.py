@@ -153,3 +153,20 @@ def test_pipeline_with_a_local_hf_model(compose, tmp_path, lora, adapter):
         assert not list(aligned.glob("*.safetensors")) and not list(finetuned.glob("*.safetensors"))
     else:
         assert (aligned / "model.safetensors").is_file() and not (aligned / LINEAGE).exists()
+
+
+def test_attaching_lora_with_checkpointing_warns_nothing(base):
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` on every attach; the
+    preset's log showed that FutureWarning once per stage. Ours to keep quiet, nothing else."""
+    import warnings
+
+    src, b = base
+    model, _ = load_model(b)
+    c = cfg(src)
+    c.gradient_checkpointing = True
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = prepare_for_training(model, c, "align")
+        model = prepare_for_training(model, c, "finetune")
+    assert is_peft(model)
+    assert not [w for w in seen if "checkpointing" in str(w.message)], [str(w.message) for w in seen]

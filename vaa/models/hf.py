@@ -24,8 +24,10 @@ final EOS of a target is attended to and trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,10 +152,21 @@ def load_lineage(path: Path, dtype: str | None = None, attach_last: bool = False
     lineage = {"base": base, "adapters": adapters, "attached_last": attach}
     for i, a in enumerate(adapters):
         keep = attach and i == len(adapters) - 1
-        pm = PeftModel.from_pretrained(model, a, is_trainable=keep)
+        with _peft_quiet():
+            pm = PeftModel.from_pretrained(model, a, is_trainable=keep)
         model = pm if keep else pm.merge_and_unload()
     base_model(model).vaa_lineage = lineage
     return model, tok
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft (0.18-0.21) reads ``model.is_gradient_checkpointing``, which transformers 5
+    deprecates with a FutureWarning on every adapter attached: theirs, not the user's to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def is_peft(model) -> bool:
@@ -210,7 +223,8 @@ def attach_lora(model, lora):
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     lineage = getattr(model, "vaa_lineage", None)
-    pm = get_peft_model(model, cfg)
+    with _peft_quiet():
+        pm = get_peft_model(model, cfg)
     if lineage is not None:
         pm.get_base_model().vaa_lineage = {**lineage, "attached_last": False}
     return pm
