@@ -36,3 +36,16 @@ def compose():
 def _private_cache(tmp_path_factory, monkeypatch):
     """No test reads or writes ~/.cache/vaa: ``paths.cache_dir=null`` falls back to this."""
     monkeypatch.setenv("VAA_CACHE_DIR", str(tmp_path_factory.mktemp("vaa_cache")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): their matrices are small, so more threads only
+    add synchronisation, and on a busy machine they make each step several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

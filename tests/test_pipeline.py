@@ -20,14 +20,7 @@ BUILDERS = ("build_world", "build_base", "build_aligned", "build_finetuned", "bu
 SMOKE = ["experiment=smoke", "method=sft", "trainer.progress_bar=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The smoke model's matrices are tiny: intra-op threads only add synchronisation, and on a
-    busy machine (another job on the cores) they make each step ~7x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,12 @@ from vaa.restore.q_realign import fake_quant
 from vaa.restore.safelora import SafeLoRA
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def v_projs(model):
+    """Every layer's value projection: the restore tests' parameter subspace."""
+    return [l.self_attn.v_proj for l in model.model.layers]
 
 
 def dense(matvec, dim: int) -> torch.Tensor:

@@ -44,12 +44,7 @@ for _name, _ in REPAIRS:  # every repair class exists before the fixture patches
     importlib.import_module(f"vaa.restore.{_name}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def on_host(fn):

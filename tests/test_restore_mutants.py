@@ -42,12 +42,7 @@ from tests.test_restore import dense, tiny_llama
 from vaa.restore import curvature_ops as C
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- solvers and products

@@ -12,23 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.test_restore import dense, lm_batch, tiny_llama
+from tests.test_restore import dense, lm_batch, tiny_llama, v_projs
 from vaa.restore import curvature_ops as C
 from vaa.restore import geometry as G
 from vaa.restore.base import per_example_losses
 from vaa.restore.curvature import CurvatureRestore, logit_terms, target_linears
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def v_projs(model):
-    return [l.self_attn.v_proj for l in model.model.layers]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- geometry (§1.5)

@@ -13,22 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.test_restore import curvature_inputs, lm_batch, tiny_llama, v_weights
+from tests.test_restore import curvature_inputs, lm_batch, tiny_llama, v_weights, v_projs
 from vaa.restore import curvature_ops as C
 from vaa.restore.base import dataset_loss
 from vaa.restore.curvature import CurvatureRestore
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def v_projs(model):
-    return [l.self_attn.v_proj for l in model.model.layers]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- trust region: guard, clamp, refusal

@@ -17,12 +17,7 @@ SMOKE = ["experiment=smoke", "method=sft", "trainer.progress_bar=false", "model.
 RESTORED = {"restored", "eval_restored"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- keys (no training)
