@@ -22,7 +22,7 @@ from vaa.pipeline.estimate import build_estimate
 from vaa.pipeline.keys import SFT_METHOD, plan_keys
 from vaa.pipeline.memory import PeakMemory
 from vaa.pipeline.threads import job_threads
-from vaa.training import progress
+from vaa.training import host_memory, progress
 from vaa.utils import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> dict:
     `vaa-cache rm` keeps it)."""
     quiet_libraries()
     progress.configure(cfg.trainer)
+    host_memory.configure(cfg.trainer)
     with job_threads(cfg.trainer) as recheck_threads, \
             EntryUsers(run_dir=str(Path(run_dir).resolve())) as using:
         return _run(cfg, run_dir, recheck_threads, using)
