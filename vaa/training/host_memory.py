@@ -6,7 +6,7 @@ the same step does not always reuse it. Measured with ``python -m benchmarks.mal
 activation checkpointing, batch 8 × 160 tokens, clean then SAM-perturbed pass; 0.56 GB of
 tensors alive between passes): peak RSS 3.81 GB by default, 3.17 GB with ``malloc_trim(0)``
 after every backward at 3 % more time; a fixed ``MALLOC_MMAP_THRESHOLD_=131072`` reaches
-1.78 GB but costs 69 %. In the preset's job the VAA alignment stage peaked at 4.05 GB.
+1.78 GB but costs 69 %. In the preset's job the VAA alignment stage peaked at 4,048 MiB, with trimming 2,808 MiB.
 
 ``trainer.malloc_trim: true`` calls glibc's ``malloc_trim(0)`` after every
 ``manual_backward`` of a training stage, on a CPU accelerator only (a GPU's activations are
