@@ -33,6 +33,7 @@ from vaa.config.schema import DROConfig
 from vaa.methods.precision import PerturbationRoundedAway
 from vaa.methods.sft import SFT
 from vaa.methods.vaa import VAA
+from vaa.models.hf import enable_checkpointing
 from vaa.training.module import response_loss
 from vaa.training.optim import build_optimizer
 
@@ -145,12 +146,7 @@ def run_one(shape, precision, mode, method_name, args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         model = build(shape, dtype, args.device)
         if args.grad_ckpt:  # as the 7B presets (model.gradient_checkpointing: true)
-            model.config.use_cache = False
-            kw = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            enable_checkpointing(model)
             if mode == "lora":
                 model.enable_input_require_grads()
         if mode == "lora":

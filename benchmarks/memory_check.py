@@ -72,8 +72,10 @@ def measure(batch: int, length: int, steps: int, lora: bool, grad_ckpt: bool = F
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    if grad_ckpt:  # as vaa.models.hf does for model.gradient_checkpointing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if grad_ckpt:  # as the pipeline does for model.gradient_checkpointing
+        from vaa.models.hf import enable_checkpointing
+
+        enable_checkpointing(model)
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -510,7 +510,9 @@ def test_vaccine_gradient_is_the_same_under_gradient_checkpointing(world):
         model = copy.deepcopy(world.model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from vaa.models.hf import enable_checkpointing
+
+            enable_checkpointing(model)
         h, _dm, batch = make(world, method, model=model)
         from vaa.methods.vaccine import perturbed_backward
         perturbed_backward(h, batch, method.layers, 2.0)

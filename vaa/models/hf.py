@@ -208,13 +208,20 @@ def prepare_for_training(model, model_cfg, role: str):
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
     if model_cfg.get("gradient_checkpointing"):
-        kw = {"use_reentrant": False}  # no input-grad hook needed with frozen embeddings (LoRA)
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant (no input-grad hook needed with
+    frozen embeddings, as under LoRA), and no KV cache while training; transformers 5 calls it
+    ``activation_checkpointing_enable`` and warns on the old name."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    model.config.use_cache = False
 
 
 def attach_lora(model, lora):
