@@ -433,9 +433,10 @@ def test_antidote_zeroes_the_highest_wanda_scores_of_each_row():
 
 
 def test_panacea_step_is_g_f_minus_lambda_times_the_harmful_gradient_change():
-    """One PanaceaStep with SGD(lr=1), no clipping: θ_before − θ_after = g_f − λ(g_h' − g_h),
-    g_h' = ∇min(h(w + ε), clamp) at ε = ρ·g_h/(‖g_h‖ + 1e-7), each computed here on copies;
-    the released ε is that ε."""
+    """PanaceaStep with SGD(lr=1), no clipping, two steps: each time θ_before − θ_after =
+    g_f − λ(g_h' − g_h), g_h' = ∇min(h(w + ε), clamp) at ε = ρ·g_h/(‖g_h‖ + 1e-7), each computed
+    here on copies; the released ε is that step's ε. Step 2 restores w from step 1's
+    buffers (not re-allocated)."""
     import copy
     from vaa.restore.panacea import PanaceaStep
     from vaa.training.module import response_loss
@@ -447,16 +448,18 @@ def test_panacea_step_is_g_f_minus_lambda_times_the_harmful_gradient_change():
         ps = list(m.parameters())
         return [torch.zeros_like(p) if q is None else q
                 for p, q in zip(ps, torch.autograd.grad(response_loss(m, batch), ps, allow_unused=True))]
-    w = copy.deepcopy(model)
-    g_f, g_h = grads(w, user), grads(w, guide)
-    norm = torch.sqrt(sum((x ** 2).sum() for x in g_h))
-    eps = [rho * x / (norm + 1e-7) for x in g_h]
-    shifted = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, e in zip(shifted.parameters(), eps):
-            p.add_(e)
-    g_h2 = grads(shifted, guide)
-    want = [a - lam * (c - b) for a, b, c in zip(g_f, g_h, g_h2)]
+
+    def expected(model):
+        w = copy.deepcopy(model)
+        g_f, g_h = grads(w, user), grads(w, guide)
+        norm = torch.sqrt(sum((x ** 2).sum() for x in g_h))
+        eps = [rho * x / (norm + 1e-7) for x in g_h]
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, e in zip(shifted.parameters(), eps):
+                p.add_(e)
+        g_h2 = grads(shifted, guide)
+        return [a - lam * (c - b) for a, b, c in zip(g_f, g_h, g_h2)], eps
 
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     module = SimpleNamespace(model=model, lm_loss=lambda b, model=None: response_loss(model or module.model, b),
@@ -465,12 +468,18 @@ def test_panacea_step_is_g_f_minus_lambda_times_the_harmful_gradient_change():
                              device=torch.device("cpu"), manual_backward=lambda loss: loss.backward())
     step = PanaceaStep(lam=lam, rho=rho, clamp=100.0)
     step.setup(module, SimpleNamespace(streams={"harmful": SimpleNamespace(next_batch=lambda g: guide)}))
-    before = [p.detach().clone() for p in model.parameters()]
-    step.training_step(module, user)
-    for b, p, g in zip(before, model.parameters(), want):
-        torch.testing.assert_close(b - p.detach(), g, rtol=1e-4, atol=1e-6)
-    for e, r in zip(step.eps, eps):
-        torch.testing.assert_close(e, r, rtol=1e-4, atol=1e-7)
+    storage = None
+    for _ in range(2):
+        want, eps = expected(model)
+        before = [p.detach().clone() for p in model.parameters()]
+        step.training_step(module, user)
+        for b, p, g in zip(before, model.parameters(), want):
+            torch.testing.assert_close(b - p.detach(), g, rtol=1e-4, atol=1e-6)
+        for e, r in zip(step.eps, eps):
+            torch.testing.assert_close(e, r, rtol=1e-4, atol=1e-7)
+        now = [t.data_ptr() for t in step.restore_buffers]
+        assert storage is None or now == storage  # allocated once, as Booster's and VAA's
+        storage = now
 
 
 def test_panacea_releases_the_model_training_returned_plus_eps_on_its_device():

@@ -49,6 +49,7 @@ class PanaceaStep(TrainingMethod):
     def setup(self, module, datamodule) -> None:
         self.params = trainable_params(module.model)  # with LoRA: the adapters
         self.guide = datamodule.streams["harmful"]
+        self.restore_buffers = [None] * len(self.params)  # w's exact copy, allocated once per run
 
     def take_grads(self) -> list[torch.Tensor]:
         """The current ``.grad`` of every parameter, handed over (``.grad`` is None after)."""
@@ -68,7 +69,7 @@ class PanaceaStep(TrainingMethod):
         h = module.lm_loss(hb)
         module.manual_backward(h)
         g_h = self.take_grads()
-        with perturb_weights(self.params, direction=g_h, rho=self.rho,
+        with perturb_weights(self.params, direction=g_h, rho=self.rho, buffers=self.restore_buffers,
                              measure=self.measure_at(module)) as info:
             h_eps = torch.clamp(module.lm_loss(hb), max=self.clamp)
             module.manual_backward(h_eps)  # .grad = g_h' at w + ε
