@@ -1,7 +1,8 @@
-"""Host memory of VAA's two-pass step with and without ``trainer.malloc_trim`` (issue 11 item 7).
+"""Host memory of VAA's two-pass step under each ``trainer.host_heap`` policy (issue 11 item 7).
 
-One process per setting, because glibc's heap state is per process: the default allocator,
-``malloc_trim(0)`` after every backward (vaa/training/host_memory.py), and any ``MALLOC_*``
+One process per setting, because glibc's heap state is per process: ``system`` (glibc as is),
+``trim`` (``malloc_trim(0)`` after every backward), ``keep`` (never hand freed heap back; all in
+vaa/training/host_memory.py), and any ``MALLOC_*``
 environment you pass with ``--env``. Each child builds the model (``--model``: ``tiny`` or a
 real model as in benchmarks/real_model.py), attaches LoRA r = 8 on the seven linears with
 activation checkpointing (the ``smollm2_cpu`` preset), and runs ``--steps`` VAA steps on one
@@ -45,21 +46,21 @@ def argparse_hidden():
 def run(a) -> dict:
     if a.child:
         return child(a)
-    settings = [("default", {}, False), ("malloc_trim", {}, True)]
-    settings += [(e, dict([e.split("=", 1)]), False) for e in a.env]
+    settings = [(p, {}, p) for p in ("system", "trim", "keep")]
+    settings += [(e, dict([e.split("=", 1)]), "system") for e in a.env]
     results = {}
-    for name, env, trim in settings:
-        cmd = [sys.executable, "-m", "benchmarks.malloc_trim", "--child", "trim" if trim else "plain",
+    for name, env, policy in settings:
+        cmd = [sys.executable, "-m", "benchmarks.malloc_trim", "--child", policy,
                "--model", a.model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
                "--seq-len", str(a.seq_len)] + (["--threads", str(a.threads)] if a.threads else [])
         out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])["child"]
         print(f"{NAME}: {name}: {results[name]}", file=sys.stderr, flush=True)
-    base = results["default"]
+    base = results["system"]
+    ratios = {f"{p}_{what}_ratio": round(results[p][key] / base[key], 3)
+              for p in ("trim", "keep") for what, key in (("peak", "peak_rss_gb"), ("time", "seconds"))}
     return emit(NAME, model=a.model, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                settings=results,
-                trim_peak_ratio=round(results["malloc_trim"]["peak_rss_gb"] / base["peak_rss_gb"], 3),
-                trim_time_ratio=round(results["malloc_trim"]["seconds"] / base["seconds"], 3))
+                settings=results, **ratios)
 
 
 def child(a) -> dict:
@@ -89,7 +90,7 @@ def child(a) -> dict:
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     model = prepare_for_training(model, OmegaConf.create({"lora": lora, "gradient_checkpointing": True}), "align")
     model.train()
-    host_memory.configure({"malloc_trim": a.child == "trim"})
+    host_memory.configure({"host_heap": a.child})
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (a.batch_size, a.seq_len), generator=g)

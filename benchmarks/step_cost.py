@@ -41,6 +41,12 @@ the machine's matmul rate under the same load (``matmul_gflops``: [median, min, 
 median over repetitions of the method's mean step ÷ SFT's in the same repetition (paired, so a
 drift of the machine's speed between repetitions cancels), ``ratio_range`` their [min, max].
 
+Host heap (CPU): ``--host-heap`` sets ``trainer.host_heap`` for the whole process
+(vaa/training/host_memory.py), reported as ``host_heap``; ``page_faults_per_step`` (median
+over repetitions) counts the pages the OS mapped in per timed step. Under glibc's own policy
+(``system``) Booster at 135 M faulted ~600 k pages (≈ 2.5 s) per step that SFT did not; under
+``keep`` none after the warm-up.
+
 A real model (``--model smollm2_135m``, a ``save_pretrained`` folder or a ``.gguf`` file;
 benchmarks/real_model.py): full fine-tuning of every parameter in fp32, rows of exactly
 ``--seq-len`` tokens (world rows whose output is extended by the next rows' outputs, the
@@ -53,6 +59,7 @@ the output head only on response tokens, plus attention).
     python -m benchmarks.step_cost --threads 1   # hidden 256, 4 layers, batch 8, 40 steps, 3 reps
     python -m benchmarks.step_cost --model smollm2_135m --methods vaa,booster,vaccine \
         --steps 4 --warmup 1 --reps 3              # the real model: batch 8 x 128 tokens
+    python -m benchmarks.step_cost --model smollm2_135m --host-heap keep ...   # no page faults
     python -m benchmarks.step_cost --quick       # smoke run, seconds
 """
 
@@ -75,6 +82,8 @@ from benchmarks.common import (base_parser, emit, make_world, median, run_main, 
 from benchmarks.method_memory import peak_rss_mb, persistent_state_bytes
 from benchmarks.real_model import (load_real_model, long_examples, matmul_gflops, median_range,
                                    step_flop)
+from vaa.training import host_memory
+from vaa.training.host_memory import POLICIES
 
 NAME = "step_cost"
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +172,7 @@ def _clock(warmup: int, steps: int, cuda: bool):
         def __init__(self):
             self.n = 0  # steps started (not global_step: robust to any optimizer use)
             self.stamps: list[float] = []
+            self.faults: list[int] = []  # the process's minor page faults at each stamp
             self.lambdas: list[float] = []
             self.forwards = self.tokens = 0
             self.counts = {}
@@ -184,14 +194,26 @@ def _clock(warmup: int, steps: int, cuda: bool):
                 if lam is not None:
                     self.lambdas.append(lam)
                 self.stamps.append(now())
+                self.faults.append(_minor_faults())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if self.n == warmup + steps:
                 self.stamps.append(now())
+                self.faults.append(_minor_faults())
                 self.stats1 = _stats(pl_module.method)
                 self.counts = {k: getattr(self, k) - v for k, v in self.counts.items()}
 
     return Clock()
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages the OS had to map in; 0 where
+    ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, warmup: int,
@@ -242,6 +264,7 @@ def run_method(name: str, cfg, model0, examples, tokenizer, *, batch_size: int, 
                            f"({clock.n} of {total} steps started)")
     durations = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     out = {"step_s": sum(durations) / len(durations),
+           "page_faults_per_step": (clock.faults[-1] - clock.faults[0]) / steps,
            "forwards_per_step": clock.counts["forwards"] / steps,
            "tokens_per_pass": clock.counts["tokens"] / max(1, clock.counts["forwards"]),
            "extra_state_bytes": persistent_state_bytes(method, model),
@@ -275,6 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "are then ignored")
     p.add_argument("--seq-len", type=int, default=128,
                    help="with --model: tokens per row (every batch is batch x seq-len)")
+    p.add_argument("--host-heap", choices=POLICIES, default="system",
+                   help="trainer.host_heap for the whole run (vaa/training/host_memory.py; CPU "
+                        "only): system = glibc as is, keep = no freed heap handed back")
     p.add_argument("--gemm", type=int, default=None,
                    help="side of the square fp32 GEMM that measures the matmul peak "
                         "(default 2048; 256 with --quick)")
@@ -298,6 +324,7 @@ def run(a) -> dict:
         raise SystemExit("conf/method/sft.yaml is missing: SFT is the reference of step_cost")
 
     t0 = time.perf_counter()
+    heap = host_memory.configure({"host_heap": a.host_heap, "accelerator": device})
     cfgs = compose_method_configs(methods)
     with tempfile.TemporaryDirectory(prefix="vaa-bench-") as tmp:
         root = Path(tmp)
@@ -351,6 +378,7 @@ def run(a) -> dict:
                                if "perturbed_fraction" in last[m]},
         "mean_lambda": {m: last[m]["mean_lambda"] for m in methods if "mean_lambda" in last[m]},
         "extra_state_mb": {m: last[m]["extra_state_bytes"] / (1 << 20) for m in methods},
+        "page_faults_per_step": {m: median([r["page_faults_per_step"] for r in res[m]]) for m in methods},
     }
     if device == "cuda":
         figures["peak_mem_mb"] = {m: median([r["peak_mem_bytes"] for r in res[m]]) / (1 << 20)
@@ -375,7 +403,7 @@ def run(a) -> dict:
     figures["targets"] = {m: t for m, t in TARGETS.items() if m in methods}
     figures["within_target"] = {m: bool(figures["ratio_vs_sft"][m] <= t)
                                 for m, t in figures["targets"].items()}
-    figures.update(methods=methods, device=device, steps=steps, warmup=warmup, reps=reps,
+    figures.update(methods=methods, device=device, host_heap=heap, steps=steps, warmup=warmup, reps=reps,
                    batch_size=batch_size, hidden_size=hidden, layers=layers, model=what,
                    seq_len=a.seq_len if a.model else None,
                    wall_s=time.perf_counter() - t0)

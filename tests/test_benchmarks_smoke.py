@@ -40,7 +40,8 @@ def _positive(record: dict, keys: list[str]) -> None:
                     "identical_fraction", "n_prompts", "batched_peak_fraction", "peak_gflops",
                     "lean_vs_hf", "hf_tokens_per_s"]),
     ("step_cost", ["steps", "batch_size", "hidden_size", "layers", "peak_rss_mb"]),
-    ("malloc_trim", ["steps", "batch_size", "seq_len", "trim_peak_ratio", "trim_time_ratio"]),
+    ("malloc_trim", ["steps", "batch_size", "seq_len", "trim_peak_ratio", "trim_time_ratio",
+                     "keep_peak_ratio", "keep_time_ratio"]),
 ])
 def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
     import torch
@@ -56,8 +57,8 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
     assert record["machine"]["threads"] >= 1
     if name == "loop_overhead":  # both sides did the same work: the same weights at the end
         assert record["max_weight_diff"] <= 1e-6
-    if name == "malloc_trim":  # both settings ran in their own process and trained
-        assert set(record["settings"]) == {"default", "malloc_trim"}
+    if name == "malloc_trim":  # every policy ran in its own process and trained
+        assert set(record["settings"]) == {"system", "trim", "keep"}
         assert all(r["peak_rss_gb"] > 0 and r["tensors_alive_gb"] > 0 for r in record["settings"].values())
     if name == "generation":  # greedy: batching must not change the text
         assert record["identical_fraction"] == 1.0
@@ -67,8 +68,10 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
         methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml") if trains(p))
         methods = sorted(methods + [p.stem for p in (ROOT / "conf" / "ft_defense").glob("*.yaml")
                                     if p.stem != "none"])
-        for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms", "extra_state_mb"):
+        for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms", "extra_state_mb",
+                    "page_faults_per_step"):
             assert sorted(record[key]) == methods, key
+        assert record["host_heap"] == "system" and all(v >= 0 for v in record["page_faults_per_step"].values())
         for key in ("ratio_vs_sft", "passes", "realised_passes", "step_ms"):
             _positive(record[key], methods)
         assert record["ratio_vs_sft"]["sft"] == 1.0

@@ -1,8 +1,13 @@
-"""trainer.malloc_trim (vaa/training/host_memory.py): on a CPU trainer every manual_backward
-of a training stage is followed by glibc's malloc_trim(0); off, on a GPU, or without glibc,
-nothing is called. The memory it saves is measured, not asserted (README, the preset)."""
+"""trainer.host_heap (vaa/training/host_memory.py): ``trim`` follows every manual_backward of a
+training stage on a CPU trainer with glibc's malloc_trim(0); ``keep`` sets glibc's mmap
+threshold to 1 GiB and its trim threshold to "never" once; ``system``, a GPU, or no glibc
+call nothing. The memory and time they trade are measured, not asserted (README, benchmarks)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,34 +15,58 @@ import torch
 from vaa.training import host_memory
 
 
+class FakeLibc:
+    def __init__(self):
+        self.calls = []
+        self.malloc_trim = lambda pad: self.calls.append(("malloc_trim", pad))
+        self.mallopt = lambda param, value: self.calls.append(("mallopt", param, value.value))
+
+
 @pytest.fixture
-def calls(monkeypatch):
-    seen = []
-    monkeypatch.setattr(host_memory, "_libc_trim", lambda: seen.append)
-    yield seen
+def libc(monkeypatch):
+    fake = FakeLibc()
+    monkeypatch.setattr(host_memory, "_libc", lambda: fake)
+    yield fake
     host_memory.configure({})  # off again for the other tests
 
 
-@pytest.mark.parametrize("cfg, on", [
-    ({"malloc_trim": True, "accelerator": "cpu"}, True),
-    ({"malloc_trim": True}, True),                          # accelerator missing: a CPU run
-    ({"malloc_trim": False, "accelerator": "cpu"}, False),
-    ({"malloc_trim": True, "accelerator": "gpu"}, False),   # activations are not on the heap
-    ({}, False),
+KEEP = [("mallopt", -3, 1 << 30), ("mallopt", -1, -1)]
+
+
+@pytest.mark.parametrize("cfg, policy, calls", [
+    ({"host_heap": "trim", "accelerator": "cpu"}, "trim", [("malloc_trim", 0)]),
+    ({"host_heap": "trim"}, "trim", [("malloc_trim", 0)]),            # accelerator missing: a CPU run
+    ({"host_heap": "keep", "accelerator": "cpu"}, "keep", KEEP),    # set once, nothing per backward
+    ({"host_heap": "system", "accelerator": "cpu"}, "system", []),
+    ({"host_heap": "trim", "accelerator": "gpu"}, "system", []),   # activations are not on the heap
+    ({"host_heap": "keep", "accelerator": "gpu"}, "system", []),
+    ({"host_heap": None}, "system", []),
+    ({}, "system", []),
 ])
-def test_configure_turns_trimming_on_only_for_a_cpu_trainer_that_asks(calls, cfg, on):
-    assert host_memory.configure(cfg) is on
+def test_configure_applies_the_policy_only_for_a_cpu_trainer(libc, cfg, policy, calls):
+    assert host_memory.configure(cfg) == policy
     host_memory.after_backward()
-    assert calls == ([0] if on else [])
+    assert libc.calls == calls
 
 
-def test_without_glibc_it_is_off(monkeypatch):
-    monkeypatch.setattr(host_memory, "_libc_trim", lambda: None)
-    assert host_memory.configure({"malloc_trim": True}) is False
+def test_an_attribute_config_is_read_too(libc):
+    assert host_memory.configure(SimpleNamespace(host_heap="trim", accelerator="CPU")) == "trim"
+
+
+def test_an_unknown_policy_is_refused(libc):
+    with pytest.raises(ValueError, match=r"trainer.host_heap must be one of \('system', 'trim', 'keep'\), got 'fast'"):
+        host_memory.configure({"host_heap": "fast"})
+    assert libc.calls == []
+
+
+def test_without_glibc_it_is_system(monkeypatch):
+    monkeypatch.setattr(host_memory, "_libc", lambda: None)
+    assert host_memory.configure({"host_heap": "trim"}) == "system"
+    assert host_memory.configure({"host_heap": "keep"}) == "system"
     host_memory.after_backward()  # nothing to call, no error
 
 
-def test_every_manual_backward_of_a_training_module_trims(calls, monkeypatch):
+def test_every_manual_backward_of_a_training_module_trims(libc, monkeypatch):
     import lightning as L
 
     from vaa.config.schema import TrainRecipe
@@ -55,9 +84,39 @@ def test_every_manual_backward_of_a_training_module_trims(calls, monkeypatch):
     assert order == ["backward", "trim"] and lin.weight.grad is not None
 
 
-def test_the_real_libc_call_runs():
-    if host_memory._libc_trim() is None:
+@pytest.mark.parametrize("policy", ["trim", "keep"])
+def test_the_real_libc_calls_run(policy):
+    """In a child process: ``keep`` cannot be undone, and this process's heap is not ours."""
+    if host_memory._libc() is None:
         pytest.skip("no glibc here")
-    assert host_memory.configure({"malloc_trim": True})
+    code = ("import torch; from vaa.training import host_memory as h; "
+            f"assert h.configure({{'host_heap': '{policy}'}}) == '{policy}'; "
+            "x = torch.ones(1 << 26); del x; h.after_backward(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_spawned_rank_inherits_the_parents_policy(libc, monkeypatch):
+    """ddp_spawn ranks import host_memory afresh: the parent's policy reaches them through the
+    environment, and a configured process is left as it is."""
+    assert host_memory.configure({"host_heap": "trim"}) == "trim"
+    assert host_memory.inherit() == "trim" and libc.calls == []  # configured: nothing again
+    monkeypatch.setitem(host_memory._STATE, "configured", False)  # a fresh rank
+    monkeypatch.setitem(host_memory._STATE, "trim", None)
+    assert host_memory.inherit() == "trim"
     host_memory.after_backward()
-    host_memory.configure({})
+    assert libc.calls == [("malloc_trim", 0)]
+
+
+def test_the_setup_of_a_training_module_inherits(monkeypatch):
+    seen = []
+    monkeypatch.setattr(host_memory, "inherit", lambda: seen.append("inherit"))
+    from vaa.config.schema import TrainRecipe
+    from vaa.methods.sft import SFT
+    from vaa.training.module import AlignModule
+
+    module = AlignModule(torch.nn.Linear(3, 1), SFT(), TrainRecipe(), 1)
+    trainer = SimpleNamespace(precision="32-true", strategy=None, datamodule=None)
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
+    module.setup("fit")
+    assert seen == ["inherit"]

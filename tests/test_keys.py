@@ -166,7 +166,8 @@ RUNTIME_CASES = [
     (["trainer.deterministic=true"], TRAINED),
     (["trainer.checkpoint_every_n_steps=5"], set()),   # resumption only
     (["trainer.progress_bar=false", "trainer.log_every_n_steps=1"], set()),
-    (["trainer.malloc_trim=true"], set()),               # where freed host memory goes
+    (["trainer.host_heap=trim"], set()),                 # where freed host memory goes
+    (["trainer.host_heap=keep"], set()),
 ]
 
 

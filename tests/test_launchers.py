@@ -53,7 +53,7 @@ def test_trainer_presets_have_every_key_fit_reads(compose, name, strategy):
     t = compose([f"trainer={name}"]).trainer
     assert t.strategy == strategy
     for key in ("accelerator", "devices", "precision", "progress_bar", "log_every_n_steps",
-                "checkpoint_every_n_steps", "deterministic", "malloc_trim"):
+                "checkpoint_every_n_steps", "deterministic", "host_heap"):
         assert key in t, f"conf/trainer/{name}.yaml lacks {key} (vaa/training/fit.py reads it)"
 
 

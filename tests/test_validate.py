@@ -74,7 +74,7 @@ BAD = [
     ("restore", ["restore=curvature", "restore.curvature.backend=magic"], "restore.curvature.backend"),
     ("trainer", ["trainer.precision=17-odd"], "trainer.precision"),
     ("trainer", ["trainer.devices=0"], "trainer.devices"),
-    ("trainer", ["trainer.malloc_trim=sometimes"], "trainer.malloc_trim"),
+    ("trainer", ["trainer.host_heap=sometimes"], "trainer.host_heap"),
     ("judge", [*RF[:2], "judge=exact"], "judge.build._target_"),
     ("judge", ["judge=beaver_dam", "judge.build.path=/nonexistent/judge"], "judge.build.path"),
     ("logger", ["logger=wandb", "logger.mode=loud"], "logger.mode"),

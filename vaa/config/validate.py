@@ -116,11 +116,13 @@ def check_restore_modules(c: Checker, cfg: DictConfig) -> None:
 
 def check_accelerator(root: Checker) -> None:
     """A GPU accelerator on a machine without CUDA fails in Lightning inside the first stage;
-    say so before anything is built. ``trainer.malloc_trim`` is a switch (a string "false"
-    would be truthy and trim)."""
-    trim = root.get("trainer.malloc_trim", False)
-    if not isinstance(trim, bool):
-        root.fail("trainer.malloc_trim", "must be true or false (training/host_memory.py)")
+    say so before anything is built. ``trainer.host_heap`` names one of the heap policies."""
+    from vaa.training.host_memory import POLICIES
+
+    heap = root.get("trainer.host_heap", "system")
+    if heap not in POLICIES:
+        root.fail("trainer.host_heap", f"is {heap!r}; use one of {', '.join(POLICIES)} "
+                  "(training/host_memory.py)")
     acc = str(root.get("trainer.accelerator", "cpu")).lower()
     if acc in ("gpu", "cuda"):
         import torch

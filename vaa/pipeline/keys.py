@@ -37,7 +37,7 @@ def _sub(cfg: DictConfig, *keys: str) -> dict:
 # of every stage that trains, so a bf16-true run never reuses a model trained in bf16-mixed or
 # on two devices (issue 12, item 1).
 NOT_ARTIFACT_TRAINER = ("progress_bar", "progress_every_s", "progress_every_n_steps",
-                        "log_every_n_steps", "checkpoint_every_n_steps", "threads", "malloc_trim")
+                        "log_every_n_steps", "checkpoint_every_n_steps", "threads", "host_heap")
 # The estimate stage's proxy runs train on one device whatever the alignment uses
 # (vaa/pipeline/estimate.py merges these into the trainer config).
 ESTIMATE_TRAINER = {"devices": 1, "strategy": "auto"}

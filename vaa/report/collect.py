@@ -26,7 +26,7 @@ IDENTITY_KEYS = ("method", "ft_defense", "restore", "task", "seed")
 # (`experiment`), the model, the data, the trainer's precision and devices (issue 12, item 7).
 # (Kept equal to NOT_ARTIFACT_TRAINER by tests/test_report.py; not imported: that pulls in torch.)
 RUN_ONLY_TRAINER = ("progress_bar", "progress_every_s", "progress_every_n_steps", "log_every_n_steps",
-                    "checkpoint_every_n_steps", "threads", "malloc_trim")
+                    "checkpoint_every_n_steps", "threads", "host_heap")
 IGNORED_PREFIXES = ("hydra", "paths", "logger", *(f"trainer.{k}" for k in RUN_ONLY_TRAINER))
 
 

@@ -1,44 +1,86 @@
-"""Hand the host heap that a backward pass freed back to the OS (``trainer.malloc_trim``).
+"""What a CPU job's heap does with the memory a backward pass frees (``trainer.host_heap``).
 
-Why: on a CPU, glibc's allocator keeps the memory a backward pass frees, and a second pass in
-the same step does not always reuse it. Measured with ``python -m benchmarks.malloc_trim
---model smollm2_135m --threads 2`` (the ``smollm2_cpu`` preset's VAA step: LoRA r = 8,
-activation checkpointing, batch 8 × 160 tokens, clean then SAM-perturbed pass; 0.56 GB of
-tensors alive between passes): peak RSS 3.81 GB by default, 3.17 GB with ``malloc_trim(0)``
-after every backward at 3 % more time; a fixed ``MALLOC_MMAP_THRESHOLD_=131072`` reaches
-1.78 GB but costs 69 %. In the preset's job the VAA alignment stage peaked at 4,048 MiB, with trimming 2,808 MiB.
+On a CPU every activation and gradient lives on glibc's heap, and glibc's own policy (``system``)
+suits neither a memory-tight nor a time-tight job: it returns large freed blocks to the OS (a
+block over its dynamic mmap threshold, at most 32 MiB, is unmapped on ``free``; the top of the
+heap is trimmed past 2× that), so the next pass faults the same pages in again, yet it keeps
+freed memory in the middle of the heap that the next pass does not always reuse. Two policies:
 
-``trainer.malloc_trim: true`` calls glibc's ``malloc_trim(0)`` after every
-``manual_backward`` of a training stage, on a CPU accelerator only (a GPU's activations are
-not on the host heap). Where glibc is absent (macOS, musl) it does nothing. It changes no
-number a run computes, so it is not part of any cache key (``vaa.pipeline.keys``).
+- ``trim``: ``malloc_trim(0)`` after every ``manual_backward`` of a training stage, handing all
+  freed heap back. Measured with ``python -m benchmarks.malloc_trim --model smollm2_135m
+  --threads 2`` (the ``smollm2_cpu`` preset's VAA step: LoRA r = 8, activation checkpointing,
+  batch 8 × 160 tokens, clean then SAM-perturbed pass; 0.56 GB of tensors alive between
+  passes): peak RSS 3.81 GB with ``system``, 3.17 GB with ``trim`` at 3 % more time. In the
+  preset's job the VAA alignment stage peaked at 4,048 MiB, with trimming 2,808 MiB.
+- ``keep``: set once per process (``mallopt``) that blocks up to 1 GiB come from the heap and
+  that the heap is never trimmed on ``free``, so after the first step no pass faults pages in.
+  Measured with ``python -m benchmarks.step_cost --model smollm2_135m`` (full fine-tuning,
+  batch 8 × 128, no checkpointing): Booster's three passes spent ~2.5 s of each 16.8 s step on
+  page faults under ``system`` (3.6× SFT) and 14.4 s under ``keep`` (3.0×), SFT's step
+  unchanged; peak RSS 6.58 → 7.0 GB. Memory is still handed back between stages
+  (``vaa.pipeline.run.release_memory`` trims explicitly).
+
+Both apply on a CPU accelerator only (a GPU's tensors are not on the host heap) and where
+glibc is present (not macOS or musl: there nothing is called). They change no number a run
+computes, so they are in no cache key (``vaa.pipeline.keys``). ``keep`` cannot be undone in
+the process (glibc's dynamic threshold, once fixed, stays fixed).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
-_STATE = {"trim": None}  # None: off; else the libc function
+POLICIES = ("system", "trim", "keep")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+KEEP_MMAP_THRESHOLD = 1 << 30  # blocks above 1 GiB are still mapped on their own
+
+ENV = "VAA_HOST_HEAP"  # the policy in force, for processes this one spawns (DDP ranks)
+_STATE = {"trim": None, "configured": False}  # trim: None (no trimming) or libc's malloc_trim
 
 
-def configure(trainer_cfg) -> bool:
-    """Read ``malloc_trim`` and ``accelerator`` from a ``trainer`` config (missing: off).
-    Returns whether trimming is on for this job."""
+def configure(trainer_cfg) -> str:
+    """Apply ``host_heap`` (default ``system``) of a ``trainer`` config on a CPU accelerator
+    (missing accelerator: a CPU). Returns the policy in force: ``system`` on a GPU or without
+    glibc. Raises ValueError for a value not in :data:`POLICIES` (validation catches it first)."""
     get = trainer_cfg.get if hasattr(trainer_cfg, "get") else (lambda k, d=None: getattr(trainer_cfg, k, d))
-    on = bool(get("malloc_trim", False)) and str(get("accelerator", "cpu")).lower() == "cpu"
-    _STATE["trim"] = _libc_trim() if on else None
-    return _STATE["trim"] is not None
+    policy = get("host_heap", "system") or "system"
+    if policy not in POLICIES:
+        raise ValueError(f"trainer.host_heap must be one of {POLICIES}, got {policy!r}")
+    if str(get("accelerator", "cpu")).lower() != "cpu":
+        policy = "system"
+    libc = _libc() if policy != "system" else None
+    _STATE["trim"] = libc.malloc_trim if libc is not None and policy == "trim" else None
+    _STATE["configured"] = True
+    if libc is None:
+        policy = "system"
+    if policy == "keep":
+        libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP_MMAP_THRESHOLD))
+        libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(-1))  # size_t(-1): never trim on free
+    os.environ[ENV] = policy
+    return policy
+
+
+def inherit() -> str:
+    """In a process nobody configured (a ``ddp_spawn`` rank imports this module afresh), apply
+    the policy its parent put in ``VAA_HOST_HEAP``; in a configured one, nothing. Returns the
+    policy in force."""
+    if _STATE["configured"]:
+        return os.environ.get(ENV, "system")
+    return configure({"host_heap": os.environ.get(ENV, "system"), "accelerator": "cpu"})
 
 
 def after_backward() -> None:
-    """Trim the heap if this job asked for it (``configure``); otherwise nothing."""
+    """Trim the heap if this job's policy is ``trim`` (:func:`configure`); otherwise nothing."""
     trim = _STATE["trim"]
     if trim is not None:
         trim(0)
 
 
-def _libc_trim():
+def _libc():
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 (both must exist: glibc)
+        return libc
     except (OSError, AttributeError):
         return None

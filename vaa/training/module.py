@@ -67,6 +67,7 @@ class CausalLMModule(L.LightningModule):
         check_strategy(self.method, self.trainer.precision, type(self.trainer.strategy).__name__)
         # The datamodule is set up first; a checkpoint is restored after this hook.
         self.method.setup(self, self.trainer.datamodule)
+        host_memory.inherit()  # a spawned DDP rank: the job's trainer.host_heap, from its parent
 
     def on_train_end(self) -> None:
         self.method.on_train_end(self)
@@ -76,7 +77,7 @@ class CausalLMModule(L.LightningModule):
 
     def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         """Lightning's backward (precision plugin, DDP's all-reduce); then, with
-        ``trainer.malloc_trim`` on a CPU, the heap it freed goes back to the OS
+        ``trainer.host_heap=trim`` on a CPU, the heap it freed goes back to the OS
         (training/host_memory.py; VAA's step on SmolLM2: 3.81 → 3.17 GB peak)."""
         super().manual_backward(loss, *args, **kwargs)
         host_memory.after_backward()
