@@ -44,8 +44,8 @@ drift of the machine's speed between repetitions cancels), ``ratio_range`` their
 Host heap (CPU): ``--host-heap`` sets ``trainer.host_heap`` for the whole process
 (vaa/training/host_memory.py), reported as ``host_heap``; ``page_faults_per_step`` (median
 over repetitions) counts the pages the OS mapped in per timed step. Under glibc's own policy
-(``system``) Booster at 135 M faulted ~600 k pages (≈ 2.5 s) per step that SFT did not; under
-``keep`` none after the warm-up.
+(``system``) Booster at 135 M faulted 473 k pages (≈ 2 s) per step that SFT did not; under
+``keep`` 4.5 k.
 
 A real model (``--model smollm2_135m``, a ``save_pretrained`` folder or a ``.gguf`` file;
 benchmarks/real_model.py): full fine-tuning of every parameter in fp32, rows of exactly

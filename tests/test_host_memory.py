@@ -16,17 +16,24 @@ from vaa.training import host_memory
 
 
 class FakeLibc:
-    def __init__(self):
-        self.calls = []
-        self.malloc_trim = lambda pad: self.calls.append(("malloc_trim", pad))
-        self.mallopt = lambda param, value: self.calls.append(("mallopt", param, value.value))
+    def __init__(self, refuse=()):
+        self.calls, self.refuse = [], refuse
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value.value))
+        return 0 if (param, value.value) in self.refuse else 1
 
 
 @pytest.fixture
 def libc(monkeypatch):
     fake = FakeLibc()
     monkeypatch.setattr(host_memory, "_libc", lambda: fake)
+    monkeypatch.setitem(host_memory._STATE, "kept", False)
     yield fake
+    host_memory._STATE["kept"] = False
     host_memory.configure({})  # off again for the other tests
 
 
@@ -40,6 +47,7 @@ KEEP = [("mallopt", -3, 1 << 30), ("mallopt", -1, -1)]
     ({"host_heap": "system", "accelerator": "cpu"}, "system", []),
     ({"host_heap": "trim", "accelerator": "gpu"}, "system", []),   # activations are not on the heap
     ({"host_heap": "keep", "accelerator": "gpu"}, "system", []),
+    ({"host_heap": "trim", "accelerator": "auto"}, "trim", [("malloc_trim", 0)]),  # no CUDA here
     ({"host_heap": None}, "system", []),
     ({}, "system", []),
 ])
@@ -47,6 +55,33 @@ def test_configure_applies_the_policy_only_for_a_cpu_trainer(libc, cfg, policy, 
     assert host_memory.configure(cfg) == policy
     host_memory.after_backward()
     assert libc.calls == calls
+
+
+def test_keep_falls_back_to_a_32_mib_threshold_where_glibc_refuses_1_gib(monkeypatch):
+    fake = FakeLibc(refuse={(-3, 1 << 30)})
+    monkeypatch.setattr(host_memory, "_libc", lambda: fake)
+    monkeypatch.setitem(host_memory._STATE, "kept", False)
+    assert host_memory.configure({"host_heap": "keep"}) == "keep"
+    assert fake.calls == [("mallopt", -3, 1 << 30), ("mallopt", -3, 32 << 20), ("mallopt", -1, -1)]
+
+
+def test_keep_refused_by_glibc_is_system_with_a_warning(monkeypatch, caplog):
+    fake = FakeLibc(refuse={(-1, -1)})
+    monkeypatch.setattr(host_memory, "_libc", lambda: fake)
+    monkeypatch.setitem(host_memory._STATE, "kept", False)
+    assert host_memory.configure({"host_heap": "keep"}) == "system"
+    assert "glibc refused mallopt" in caplog.text
+
+
+def test_after_keep_a_later_job_of_the_process_runs_under_keep(libc, caplog):
+    """A local multirun: glibc's fixed thresholds cannot be undone, so a later system job is
+    told (and reported) as keep; a later trim job still trims, nothing is set twice."""
+    assert host_memory.configure({"host_heap": "keep"}) == "keep"
+    assert host_memory.configure({"host_heap": "system"}) == "keep"
+    assert "cannot undo; this job runs under keep" in caplog.text
+    assert host_memory.configure({"host_heap": "trim"}) == "trim"
+    host_memory.after_backward()
+    assert libc.calls == KEEP + [("malloc_trim", 0)]
 
 
 def test_an_attribute_config_is_read_too(libc):

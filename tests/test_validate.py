@@ -130,7 +130,8 @@ def test_all_problems_are_reported_together(compose):
 
 @pytest.mark.parametrize("overrides", [[], ["experiment=smoke"], ["method=sft"],
                                        ["task=alpacaeval"], ["dro.groups_file=null", "method=gdro"],
-                                       ["align.epochs=0", "align.max_steps=5"]])
+                                       ["align.epochs=0", "align.max_steps=5"],
+                                       ["trainer.host_heap=keep"], ["trainer.host_heap=null"]])
 def test_valid_configs_pass(compose, overrides):
     assert find_problems(compose(overrides)) == []
 

@@ -120,9 +120,9 @@ def check_accelerator(root: Checker) -> None:
     from vaa.training.host_memory import POLICIES
 
     heap = root.get("trainer.host_heap", "system")
-    if heap not in POLICIES:
+    if heap is not None and heap not in POLICIES:  # null: system
         root.fail("trainer.host_heap", f"is {heap!r}; use one of {', '.join(POLICIES)} "
-                  "(training/host_memory.py)")
+                  "(vaa/training/host_memory.py)")
     acc = str(root.get("trainer.accelerator", "cpu")).lower()
     if acc in ("gpu", "cuda"):
         import torch
