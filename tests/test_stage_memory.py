@@ -35,3 +35,33 @@ def test_trained_models_are_freed_before_the_next_stage(compose, tmp_path, monke
     run_pipeline(cfg, tmp_path / "run")
     assert [s for s, _ in trained] == ["base", "aligned", "finetuned"]
     assert alive_at_eval == {"base": [], "aligned": [], "finetuned": []}
+
+
+def test_the_jobs_trainer_host_heap_is_in_force_in_its_training_stages(compose, tmp_path, monkeypatch):
+    """run_pipeline applies trainer.host_heap before any stage: with ``trim`` every backward of
+    every training stage (base pretraining, alignment, attack) hands freed heap back."""
+    from vaa.training import host_memory
+
+    torch.set_num_threads(1)
+    calls = []
+    fake = type("Libc", (), {"malloc_trim": staticmethod(lambda pad: calls.append(pad)),
+                             "mallopt": staticmethod(lambda *a: 1)})()
+    monkeypatch.setattr(host_memory, "_libc", lambda: fake)
+    steps = {}
+    fit = S.fit
+
+    def spy_fit(module, *args, **kwargs):
+        before = len(calls)
+        out = fit(module, *args, **kwargs)
+        steps[kwargs.get("stage")] = (len(calls) - before, module.global_step)
+        return out
+
+    monkeypatch.setattr(S, "fit", spy_fit)
+    cfg = compose(["experiment=smoke", "method=sft", "trainer.progress_bar=false", "trainer.host_heap=trim",
+                   "model.pretrain.max_steps=3", f"paths.cache_dir={tmp_path / 'cache'}"])
+    try:
+        run_pipeline(cfg, tmp_path / "run")
+    finally:
+        host_memory.configure({})
+    assert set(steps) == {"base", "aligned", "finetuned"}
+    assert all(n_trims == n_steps > 0 for n_trims, n_steps in steps.values()), steps  # SFT: one backward a step
