@@ -40,7 +40,7 @@ def _positive(record: dict, keys: list[str]) -> None:
                     "identical_fraction", "n_prompts", "batched_peak_fraction", "peak_gflops",
                     "lean_vs_hf", "hf_tokens_per_s"]),
     ("step_cost", ["steps", "batch_size", "hidden_size", "layers", "peak_rss_mb"]),
-    ("malloc_trim", ["steps", "batch_size", "seq_len", "trim_peak_ratio", "trim_time_ratio",
+    ("host_heap", ["steps", "batch_size", "seq_len", "trim_peak_ratio", "trim_time_ratio",
                      "keep_peak_ratio", "keep_time_ratio"]),
 ])
 def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
@@ -57,7 +57,7 @@ def test_benchmark_quick_run_reports_one_json_line(name, keys, capsys):
     assert record["machine"]["threads"] >= 1
     if name == "loop_overhead":  # both sides did the same work: the same weights at the end
         assert record["max_weight_diff"] <= 1e-6
-    if name == "malloc_trim":  # every policy ran in its own process and trained
+    if name == "host_heap":  # every policy ran in its own process and trained
         assert set(record["settings"]) == {"system", "trim", "keep"}
         assert all(r["peak_rss_gb"] > 0 and r["tensors_alive_gb"] > 0 for r in record["settings"].values())
     if name == "generation":  # greedy: batching must not change the text

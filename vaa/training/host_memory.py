@@ -7,7 +7,7 @@ heap is trimmed past 2× that), so the next pass faults the same pages in again,
 freed memory in the middle of the heap that the next pass does not always reuse. Two policies:
 
 - ``trim``: ``malloc_trim(0)`` after every ``manual_backward`` of a training stage, handing all
-  freed heap back. Measured with ``python -m benchmarks.malloc_trim --model smollm2_135m
+  freed heap back. Measured with ``python -m benchmarks.host_heap --model smollm2_135m
   --threads 2`` (the ``smollm2_cpu`` preset's VAA step: LoRA r = 8, activation checkpointing,
   batch 8 × 160 tokens, clean then SAM-perturbed pass; 0.56 GB of tensors alive between
   passes): peak RSS 3.81 GB with ``system``, 3.17 GB with ``trim`` at 3 % more time. In the
@@ -18,7 +18,7 @@ freed memory in the middle of the heap that the next pass does not always reuse.
   (full fine-tuning, batch 8 × 128, no checkpointing, 2 idle cores): Booster faulted 473 k pages
   per step under ``system`` (SFT: 0), 16.9 s per step, 3.23× SFT; under ``keep`` 4.5 k, 14.9 s,
   3.05×; the benchmark's peak RSS 6,162 → 6,535 MiB. VAA's LoRA step of the preset
-  (``benchmarks.malloc_trim``): ~7 % faster, ~9 % more memory. Memory is still handed back
+  (``benchmarks.host_heap``): ~7 % faster, ~9 % more memory. Memory is still handed back
   between stages (``vaa.pipeline.run.release_memory`` trims explicitly).
 
 Both apply on a CPU accelerator only (a GPU's tensors are not on the host heap) and where

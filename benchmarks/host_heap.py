@@ -10,9 +10,9 @@ fixed random batch: the clean pass, then the SAM-perturbed pass (``SAMPerturber`
 the pipeline's response-only loss. Reported per setting: peak RSS (GB, ``VmHWM``), the seconds
 of the steps, and the largest size of the tensors alive between passes (GB).
 
-    python -m benchmarks.malloc_trim --quick                          # tiny model, seconds
-    python -m benchmarks.malloc_trim --model smollm2_135m --threads 2 # the preset's step
-    python -m benchmarks.malloc_trim --model smollm2_135m --env MALLOC_MMAP_THRESHOLD_=131072
+    python -m benchmarks.host_heap --quick                          # tiny model, seconds
+    python -m benchmarks.host_heap --model smollm2_135m --threads 2 # the preset's step
+    python -m benchmarks.host_heap --model smollm2_135m --env MALLOC_MMAP_THRESHOLD_=131072
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 
 from benchmarks.common import base_parser, emit, run_main, size_options
 
-NAME = "malloc_trim"
+NAME = "host_heap"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,7 +50,7 @@ def run(a) -> dict:
     settings += [(e, dict([e.split("=", 1)]), "system") for e in a.env]
     results = {}
     for name, env, policy in settings:
-        cmd = [sys.executable, "-m", "benchmarks.malloc_trim", "--child", policy,
+        cmd = [sys.executable, "-m", "benchmarks.host_heap", "--child", policy,
                "--model", a.model, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
                "--seq-len", str(a.seq_len)] + (["--threads", str(a.threads)] if a.threads else [])
         out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True)
