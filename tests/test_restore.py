@@ -310,7 +310,7 @@ def curvature(backend="cg", **step):
 
 def dense_newton(model, restorer, task, harm):
     """(H_λ⁻¹g, g) with H the task GGN built densely from ggn_vp, λ the restorer's damping."""
-    from vaa.restore.curvature import logit_terms, loss_terms
+    from vaa.restore.curvature_terms import logit_terms, loss_terms
     params = [l.self_attn.v_proj.weight for l in model.model.layers]
     for p in model.parameters():
         p.requires_grad_(any(p is q for q in params))
@@ -516,7 +516,7 @@ def test_curvature_states_its_memory_before_it_starts_and_a_module_subset_shrink
     """A 7B model's default space (all seven linear layers) is ~6.5 B entries: the repair says
     what its vectors cost before it allocates them, and ``restore.modules`` shrinks it."""
     from omegaconf import OmegaConf
-    from vaa.restore.curvature import target_linears
+    from vaa.restore.curvature_terms import target_linears
     from vaa.restore.curvature_memory import memory_plan
     from vaa.restore.schema import CurvatureRestoreConfig
     model = tiny_llama(0)

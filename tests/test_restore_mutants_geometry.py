@@ -16,7 +16,8 @@ from tests.test_restore import dense, lm_batch, tiny_llama, v_projs
 from vaa.restore import curvature_ops as C
 from vaa.restore import geometry as G
 from vaa.restore.base import per_example_losses
-from vaa.restore.curvature import CurvatureRestore, logit_terms, target_linears
+from vaa.restore.curvature import CurvatureRestore
+from vaa.restore.curvature_terms import logit_terms, target_linears
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

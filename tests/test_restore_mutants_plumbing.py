@@ -14,7 +14,8 @@ import torch
 
 from tests.test_restore import curvature_inputs, lm_batch, tiny_llama, v_projs
 from vaa.restore import curvature_ops as C
-from vaa.restore.curvature import CurvatureRestore, logit_terms, target_linears
+from vaa.restore.curvature import CurvatureRestore
+from vaa.restore.curvature_terms import logit_terms, target_linears
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -50,7 +51,7 @@ def test_damping_is_relative_to_the_mean_diagonal_fisher_of_single_task_rows():
 
 
 def test_single_rows_cut_each_row_to_its_real_tokens():
-    from vaa.restore.curvature import single_rows
+    from vaa.restore.curvature_terms import single_rows
     b = lm_batch(1, rows=2, width=5)
     b["attention_mask"][1, 3:] = 0
     rows = list(single_rows([b]))
@@ -59,7 +60,7 @@ def test_single_rows_cut_each_row_to_its_real_tokens():
 
 
 def test_loss_and_logit_terms_weigh_batches_by_their_labelled_tokens():
-    from vaa.restore.curvature import loss_terms
+    from vaa.restore.curvature_terms import loss_terms
     from vaa.training.module import response_loss
     model = tiny_llama(0, hidden=8)
     a, b = lm_batch(1, rows=2), lm_batch(2, rows=3)  # 8 and 12 labelled tokens
@@ -89,7 +90,7 @@ def test_solve_backends_diag_fisher_and_kfac_and_the_damped_matvec():
             r.hp.curvature.hvp = hvp
             before = r.passes
             got = r.matvec(model)(g)
-            from vaa.restore.curvature import loss_terms
+            from vaa.restore.curvature_terms import loss_terms
             t = (terms or loss_terms)(model, [task])
             torch.testing.assert_close(got, prod(t, r.params, g) + r.lam * g, rtol=1e-5, atol=1e-7)
             assert r.passes - before == per * 4

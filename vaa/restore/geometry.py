@@ -30,7 +30,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def harmful_ggn_eigs(model, batches, linears, k: int, iters: int, seed: int):
     # local import: curvature.py imports this module
-    from vaa.restore.curvature import logit_terms
+    from vaa.restore.curvature_terms import logit_terms
 
     params = [m.weight for m in linears(model)]
     flags = [p.requires_grad for p in model.parameters()]
