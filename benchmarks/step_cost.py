@@ -59,7 +59,7 @@ the output head only on response tokens, plus attention).
     python -m benchmarks.step_cost --threads 1   # hidden 256, 4 layers, batch 8, 40 steps, 3 reps
     python -m benchmarks.step_cost --model smollm2_135m --methods vaa,booster,vaccine \
         --steps 4 --warmup 1 --reps 3              # the real model: batch 8 x 128 tokens
-    python -m benchmarks.step_cost --model smollm2_135m --host-heap keep ...   # no page faults
+    python -m benchmarks.step_cost --model smollm2_135m --host-heap keep ...   # few page faults
     python -m benchmarks.step_cost --quick       # smoke run, seconds
 """
 

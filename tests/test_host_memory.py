@@ -155,3 +155,13 @@ def test_the_setup_of_a_training_module_inherits(monkeypatch):
     monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
     module.setup("fit")
     assert seen == ["inherit"]
+
+
+def test_trim_now_trims_whatever_the_policy_and_release_memory_uses_it(libc, monkeypatch):
+    host_memory.configure({"host_heap": "system"})
+    host_memory.trim_now()
+    assert libc.calls == [("malloc_trim", 0)]
+    from vaa.pipeline import run
+
+    run.release_memory()
+    assert libc.calls == [("malloc_trim", 0)] * 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import logging
@@ -133,10 +132,7 @@ def release_memory() -> None:
     run: on SmolLM2-135M one more 0.54 GB copy of the weights per finished stage. Collect them,
     then hand freed heap pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    host_memory.trim_now()
 
 
 def evaluate_stage(ctx, name: str, stage, cached: bool) -> dict:

@@ -109,6 +109,14 @@ def after_backward() -> None:
         trim(0)
 
 
+def trim_now() -> None:
+    """Hand all freed heap back to the OS now, whatever the policy (between stages:
+    ``vaa.pipeline.run.release_memory``); without glibc, nothing."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")
